@@ -1,0 +1,2 @@
+"""The departmental DNS sinkhole: resolver daemon, policy and command line."""
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""The `sinkhole` command: serve, check, explain, exemptions, healthcheck (and later: sidecar, export)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+from .loader import PolicyError, check_directory, load_policy
+from .policy import decide
+from .yamlsrc import Problem
+
+DEFAULT_CONFIG = "sinkhole.yaml"
+
+
+def _config(path):
+    from .config import load_config
+    return load_config(path)
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s sinkhole %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        config = _config(args.config)
+        policy = load_policy(config.blocklists, time.time())
+    except PolicyError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        print("sinkhole: not starting: fix the problems above (it never serves without a valid policy)",
+              file=sys.stderr)
+        return 1
+    observer = None
+    if config.metrics is not None:
+        from .metrics import PrometheusObserver
+        observer = PrometheusObserver(config.metrics)
+    logging.getLogger("sinkhole").info("policy %s from %s; upstreams %s", policy.revision,
+                                       config.blocklists, ", ".join(f"{h}:{p}" for h, p in config.upstreams))
+    return asyncio.run(serve(config, policy, observer))
+
+
+def cmd_check(args) -> int:
+    directory = Path(args.directory)
+    problems = check_directory(directory, time.time())
+    errors = [p for p in problems if p.severity == "error" or args.strict]
+    for problem in problems:
+        print(problem if problem.severity == "error" or not args.strict
+              else Problem(problem.path, problem.line, problem.message), file=sys.stdout)
+    if errors:
+        print(f"{directory}: {len(errors)} error(s)", file=sys.stderr)
+        return 1
+    policy = load_policy(directory, time.time())
+    entries = sum(s.entries() for s in policy.services.values())
+    print(f"{directory}: ok, revision {policy.revision}: {len(policy.groups)} groups, "
+          f"{len(policy.services)} services, {entries} entries, {len(policy.exemptions)} exemptions",
+          file=sys.stderr)
+    return 0
+
+
+def _blocklists(args) -> str:
+    if args.blocklists:
+        return args.blocklists
+    return _config(args.config).blocklists
+
+
+def cmd_explain(args) -> int:
+    from .names import normalize
+    try:
+        policy = load_policy(_blocklists(args), time.time())
+    except PolicyError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    now = time.time()
+    try:
+        decision = decide(policy, args.client, normalize(args.name), now)
+    except ValueError:
+        print(f"sinkhole explain: {args.client!r} is not an IP address", file=sys.stderr)
+        return 2
+    print(f"client {args.client}: group {decision.group or '-'}")
+    print(f"{normalize(args.name)} {args.type.upper()}: {decision.explain()}")
+    return 0
+
+
+_DURATION = re.compile(r"(\d+)([smhdw])\Z")
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 7d, 12h, 30m")
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+
+
+def cmd_exemptions(args) -> int:
+    import datetime
+    try:
+        policy = load_policy(_blocklists(args), time.time())
+    except PolicyError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    now = time.time()
+    rows = []
+    for ex in policy.exemptions:
+        if ex.expires <= now:
+            state = "expired"
+        elif ex.starts is not None and ex.starts > now:
+            state = "pending"
+        else:
+            state = "active"
+        soon = ex.expires - now <= args.expiring_within if args.expiring_within is not None else True
+        if args.expiring_within is not None and (state == "expired" or not soon):
+            continue
+        iso = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat() if t else None
+        rows.append({"id": ex.id, "state": state, "clients": list(ex.clients), "services": sorted(ex.services),
+                     "approved_by": ex.approved_by, "reason": ex.reason, "starts": iso(ex.starts),
+                     "expires": iso(ex.expires), "expires_in_seconds": int(ex.expires - now), "origin": ex.origin})
+    rows.sort(key=lambda r: r["expires_in_seconds"])
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    if not rows:
+        print("no exemptions" + (" expiring in that window" if args.expiring_within is not None else ""))
+        return 0
+    header = ("ID", "STATE", "EXPIRES (UTC)", "IN", "CLIENTS", "SERVICES", "APPROVED BY")
+    table = [header] + [(r["id"], r["state"], r["expires"][:19], _human(r["expires_in_seconds"]),
+                         ",".join(r["clients"]), ",".join(r["services"]), r["approved_by"]) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _human(seconds: int) -> str:
+    if seconds < 0:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def cmd_healthcheck(args) -> int:
+    """A real DNS query to the server; exit 0 when it answers at all (an upstream outage is not a
+    reason to restart the resolver: it would still answer blocks and cached names)."""
+    from dnslib import DNSRecord
+    from .config import parse_hostport
+    host, port = parse_hostport(args.server, 53)
+    try:
+        reply = DNSRecord.parse(DNSRecord.question(args.name, "A").send(host, port, timeout=args.timeout))
+    except Exception as e:  # noqa: BLE001 - any failure is "unhealthy"
+        print(f"unhealthy: {e}", file=sys.stderr)
+        return 1
+    rcode = reply.header.rcode
+    print(f"healthy: {args.name} answered rcode {rcode}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sinkhole", description="The departmental DNS sinkhole.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the resolver")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check", help="validate a blocklists directory as the server would load it")
+    p.add_argument("directory", nargs="?", default="blocklists")
+    p.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    p.set_defaults(func=cmd_check)
+
+    for name, func, help_ in (("explain", cmd_explain, "show a client's group and the decision for a name"),
+                              ("exemptions", cmd_exemptions, "list active and soon-expiring exemptions")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+        p.add_argument("--blocklists", help="a blocklists directory (default: the one in the config)")
+        p.set_defaults(func=func)
+        if name == "explain":
+            p.add_argument("--client", required=True)
+            p.add_argument("--type", default="A")
+            p.add_argument("name")
+        else:
+            p.add_argument("--expiring-within", type=parse_duration, default=None, metavar="7d")
+            p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("healthcheck", help="ask the server one DNS question; exit 0 if it answers")
+    p.add_argument("--server", default="127.0.0.1:53")
+    p.add_argument("--name", default="healthcheck.sinkhole.invalid")
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.set_defaults(func=cmd_healthcheck)
+
+    for extra in _EXTRA:
+        extra(sub)
+    return parser
+
+
+_EXTRA = []     # other modules register subcommands here (sidecar, export)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PolicyError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

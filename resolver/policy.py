@@ -1,0 +1,244 @@
+"""The compiled policy (one frozen snapshot) and `decide`: (client, name, now) -> Decision.
+
+Nothing here does I/O or reads the clock; the loader builds a Policy, the server passes `now` in.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+RESPONSES = ("nxdomain", "nodata", "null", "sinkhole", "refused")
+ENCRYPTED_DNS = "encrypted-dns"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One catalog entry that can decide a name."""
+
+    service: str
+    kind: str                 # domain | host | pattern | allow | built-in
+    text: str                 # the name or pattern as written
+    path: str                 # the file it came from (one shared string per file)
+    line: int
+    response: str | None = None   # built-ins answer their own way, whatever the group says
+
+    @property
+    def origin(self) -> str:
+        return f"{self.path}:{self.line}" if self.line else self.path
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.text}"
+
+
+@dataclass(frozen=True)
+class IPRange:
+    cidr: str
+    tags: tuple[str, ...]
+    origin: str
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    description: str
+    rules: tuple[Rule, ...]
+    ip_ranges: tuple[IPRange, ...]
+    sources: tuple[tuple[str, str], ...]
+    origin: str
+
+    def entries(self) -> int:
+        return len(self.rules) + len(self.ip_ranges)
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    subnets: tuple[str, ...]
+    block: frozenset[str]
+    response: str
+    block_ttl: int
+    sinkhole_a: tuple[str, ...]
+    sinkhole_aaaa: tuple[str, ...]
+    origin: str
+
+
+@dataclass(frozen=True)
+class Exemption:
+    id: str
+    clients: tuple[str, ...]
+    services: frozenset[str]
+    approved_by: str
+    reason: str
+    starts: float | None
+    expires: float
+    origin: str
+    networks: tuple[tuple[int, int, int], ...] = ()   # (version, network int, mask int)
+
+    def active(self, now: float) -> bool:
+        return (self.starts is None or self.starts <= now) and now < self.expires
+
+    def covers(self, version: int, addr: int) -> bool:
+        return any(v == version and addr & mask == net for v, net, mask in self.networks)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str                       # forward | block | refuse
+    group: str | None
+    service: str | None = None
+    rule: Rule | None = None
+    response: str | None = None       # for block: nxdomain | nodata | null | sinkhole | refused
+    ttl: int = 0                      # for block: the answer's TTL; for an exemption: the TTL cap
+    exemption: Exemption | None = None
+
+    def explain(self) -> str:
+        if self.action == "refuse":
+            return "refused: the client is not in allowed_clients"
+        if self.rule is None:
+            return f"group {self.group}: forward (no rule of a blocked service matches)"
+        why = f"service {self.service}, {self.rule.describe()} ({self.rule.origin})"
+        if self.exemption is not None:
+            ex = self.exemption
+            return (f"group {self.group}: forward under exemption {ex.id} ({ex.origin}), "
+                    f"approved by {ex.approved_by}, until {_iso(ex.expires)}; would block: {why}")
+        return f"group {self.group}: block with {self.response} (TTL {self.ttl}) because of {why}"
+
+
+def _iso(ts: float) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat()
+
+
+def client_key(client) -> tuple[int, int]:
+    """(IP version, address as int) from a string or ipaddress object; raises ValueError."""
+    if isinstance(client, str):
+        if "%" in client:
+            client = client.split("%", 1)[0]
+        client = ipaddress.ip_address(client)
+    if client.version == 6 and client.ipv4_mapped is not None:
+        client = client.ipv4_mapped
+    return client.version, int(client)
+
+
+@dataclass(frozen=True)
+class Settings:
+    block_ttl: int = 10
+    exemption_ttl: int = 60
+    max_exemption_days: int = 90
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    """A whole, validated policy. Built once by the loader, never changed, swapped whole."""
+
+    revision: str
+    groups: dict[str, Group]
+    default_group: str
+    allowed_clients: tuple[str, ...]
+    services: dict[str, Service]
+    exemptions: tuple[Exemption, ...]
+    settings: Settings
+    # compiled lookups
+    names: dict[str, tuple[Rule, ...]]
+    patterns: dict[str, tuple[tuple[Rule, re.Pattern], ...]]
+    subnets: dict[int, tuple[tuple[int, dict[int, str]], ...]]
+    allowed: dict[int, tuple[tuple[int, frozenset[int]], ...]]
+    _clients: dict = field(default_factory=dict, repr=False)
+
+    # -- clients -------------------------------------------------------------------------------
+    def classify(self, client) -> tuple[Group | None, tuple[int, int]]:
+        """The client's group (None: not allowed) and its (version, int) address."""
+        memo = self._clients.get(client)
+        if memo is not None:
+            return memo
+        version, addr = key = client_key(client)
+        group = None
+        if _lpm(self.allowed.get(version, ()), addr, version) is not None:
+            name = _lpm(self.subnets.get(version, ()), addr, version)
+            group = self.groups[name if name is not None else self.default_group]
+        if len(self._clients) > 65536:
+            self._clients.clear()
+        if isinstance(client, str):
+            self._clients[client] = (group, key)
+        return group, key
+
+    # -- names ---------------------------------------------------------------------------------
+    def match(self, group: Group, qname: str) -> Rule | None:
+        """The rule of a service the group blocks that decides `qname`, or None.
+
+        Per service the most specific rule wins: an `allow` carves a subtree out of that service's
+        own domains, a `host` matches only the exact name. Costs O(labels) dict lookups, plus the
+        regexes of the group's services that have patterns.
+        """
+        block = group.block
+        if not block:
+            return None
+        names = self.names
+        carved = ()
+        name = qname
+        while True:
+            rules = names.get(name)
+            if rules is not None:
+                for rule in rules:
+                    if rule.service not in block or rule.service in carved:
+                        continue
+                    if rule.kind == "allow":
+                        carved = carved + (rule.service,)
+                    elif rule.kind != "host" or name is qname:
+                        return rule
+            dot = name.find(".")
+            if dot < 0:
+                break
+            name = name[dot + 1:]
+        for service in block:
+            compiled = self.patterns.get(service)
+            if compiled and service not in carved:
+                for rule, regex in compiled:
+                    if regex.fullmatch(qname):
+                        return rule
+        return None
+
+    def exemption_for(self, key: tuple[int, int], service: str, now: float) -> Exemption | None:
+        version, addr = key
+        for ex in self.exemptions:
+            if service in ex.services and ex.active(now) and ex.covers(version, addr):
+                return ex
+        return None
+
+    def active_exemptions(self, now: float) -> list[Exemption]:
+        return [ex for ex in self.exemptions if ex.active(now)]
+
+    def next_change(self, now: float) -> float | None:
+        """The next time an exemption starts or ends after `now`."""
+        times = [t for ex in self.exemptions for t in (ex.starts, ex.expires) if t is not None and t > now]
+        return min(times) if times else None
+
+
+def _lpm(table, addr: int, version: int):
+    """Longest-prefix match over ((prefixlen, {network: value}), ...) sorted longest first."""
+    bits = 32 if version == 4 else 128
+    for prefixlen, nets in table:
+        value = nets.get(addr >> (bits - prefixlen) << (bits - prefixlen))
+        if value is not None:
+            return value
+    return None
+
+
+REFUSE = Decision("refuse", None)
+
+
+def decide(policy: Policy, client, qname: str, now: float) -> Decision:
+    """What to do with a query for `qname` (normalised: lower case, no trailing dot) from `client`."""
+    group, key = policy.classify(client)
+    if group is None:
+        return REFUSE
+    rule = policy.match(group, qname)
+    if rule is None:
+        return Decision("forward", group.name)
+    exemption = policy.exemption_for(key, rule.service, now) if policy.exemptions else None
+    if exemption is not None:
+        cap = max(1, min(policy.settings.exemption_ttl, int(exemption.expires - now)))
+        return Decision("forward", group.name, rule.service, rule, ttl=cap, exemption=exemption)
+    return Decision("block", group.name, rule.service, rule,
+                    response=rule.response or group.response, ttl=group.block_ttl)

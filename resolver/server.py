@@ -1,0 +1,338 @@
+"""The I/O shell: sockets, the upstream task, policy reloads, signals. Decisions live in core.py.
+
+UDP is read straight off non-blocking sockets in batches from the event loop (no task per packet);
+only queries that need the upstream become tasks. TCP follows RFC 7766: length-prefixed messages,
+several per connection, answered as they complete.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+from . import core
+from .cache import Cache
+from .config import Config
+from .loader import PolicyError, load_with_warnings
+from .observe import Quiet
+from .policy import Policy
+from .querylog import QueryLog
+from .upstream import Upstreams
+from .wire import truncate
+
+log = logging.getLogger("sinkhole")
+UDP_BATCH = 64
+MAX_INFLIGHT = 4096
+
+
+def fingerprint(directory: str) -> str:
+    """A cheap checksum of the blocklists directory: where it resolves to (git-sync flips a
+    symlink) and every file's name, size, mtime and inode."""
+    root = os.path.realpath(directory)
+    h = hashlib.sha256(root.encode())
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            h.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
+    return h.hexdigest()
+
+
+class Server:
+    def __init__(self, config: Config, policy: Policy, observer=None, clock=time.time):
+        self.config = config
+        self.policy = policy                 # the one reference a reload swaps
+        self.observer = observer or Quiet()
+        self.clock = clock
+        c = config.cache
+        self.cache = Cache(c.size, c.min_ttl, c.max_ttl, c.negative_max_ttl, c.serve_stale)
+        ecs_nets = [ipaddress.ip_network(n) for n in config.ecs_clients_from]
+        self.ctx = core.Context(self.cache, (lambda client: _in_nets(client, ecs_nets)) if ecs_nets else None)
+        self.upstreams = Upstreams(config.upstreams, config.upstream_timeout, self.observer.upstream)
+        q = config.query_log
+        self.querylog = QueryLog(q.target, q.max_bytes, q.backups, q.queue)
+        self.fingerprint = fingerprint(config.blocklists)
+        self.addresses: list[tuple[str, int]] = []
+        self.last_reload_ok: float | None = None
+        self.reload_failures = 0
+        self._udp: list[socket.socket] = []
+        self._tcp_servers: list[asyncio.base_events.Server] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._tcp_count = 0
+        self._stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.observer.bind(self)
+
+    # -- start and stop ------------------------------------------------------------------------
+    async def start(self) -> list[tuple[str, int]]:
+        self._loop = asyncio.get_running_loop()
+        self.querylog.start()
+        for host, port in self.config.listen:
+            self.addresses.append(await self._listen(host, port))
+        self.last_reload_ok = self.clock()
+        self.observer.reload(True, self.policy, self.last_reload_ok)
+        self._spawn(self._reload_loop())
+        return self.addresses
+
+    async def _listen(self, host: str, port: int) -> tuple[str, int]:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for attempt in range(20):
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            except OSError:
+                pass
+            udp.bind((host, port))
+            bound = udp.getsockname()[1]
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                tcp.bind((host, bound))
+            except OSError:
+                udp.close()
+                tcp.close()
+                if port == 0 and attempt < 19:
+                    continue              # port 0: the TCP twin of the UDP port was taken; try another
+                raise
+            break
+        udp.setblocking(False)
+        self._udp.append(udp)
+        self._loop.add_reader(udp.fileno(), self._udp_ready, udp)
+        tcp.listen(128)
+        tcp.setblocking(False)
+        self._tcp_servers.append(await asyncio.start_server(self._tcp_client, sock=tcp))
+        log.info("serving DNS on %s port %d (UDP and TCP)", host, bound)
+        return host, bound
+
+    async def stop(self, drain: float = 5.0) -> None:
+        """Stop listening, let in-flight queries finish (up to `drain` seconds), close everything."""
+        self._stopping.set()
+        for udp in self._udp:
+            self._loop.remove_reader(udp.fileno())
+        for srv in self._tcp_servers:
+            srv.close()
+        pending = [t for t in self._tasks if not t.get_name().startswith("bg:")]
+        if pending:
+            await asyncio.wait(pending, timeout=drain)
+        for task in list(self._tasks):
+            task.cancel()
+        for udp in self._udp:
+            udp.close()
+        self.querylog.close()
+
+    def _spawn(self, coro, background: bool = True) -> asyncio.Task:
+        task = self._loop.create_task(coro)
+        if background:
+            task.set_name("bg:" + task.get_name())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- UDP -----------------------------------------------------------------------------------
+    def _udp_ready(self, sock: socket.socket) -> None:
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return                  # e.g. ICMP port unreachable reported on the socket
+            self._udp_query(sock, data, addr)
+
+    def _udp_query(self, sock, data: bytes, addr) -> None:
+        started = time.perf_counter()
+        now = self.clock()
+        policy = self.policy            # read once: this query uses this snapshot to the end
+        try:
+            step = core.begin(data, addr[0], policy, self.ctx, now)
+        except Exception:               # a bug must cost one answer, never the server
+            log.exception("query from %s failed", addr[0])
+            self.observer.dropped("internal")
+            return
+        if isinstance(step, core.Forward):
+            if len(self._tasks) > MAX_INFLIGHT:
+                self.observer.dropped("overload")
+                return
+            self._spawn(self._udp_forward(sock, step, addr, policy, started, now), background=False)
+            return
+        reply, outcome = step
+        if reply is not None:
+            self._sendto(sock, truncate(reply, outcome.udp_limit), addr)
+        self._done(now, outcome, started)
+
+    async def _udp_forward(self, sock, fwd, addr, policy, started, now) -> None:
+        reply, outcome = await self._forward(fwd, policy)
+        self._sendto(sock, truncate(reply, outcome.udp_limit), addr)
+        self._done(now, outcome, started)
+
+    @staticmethod
+    def _sendto(sock, data: bytes, addr) -> None:
+        try:
+            sock.sendto(data, addr)
+        except OSError:
+            pass                        # the client is gone or the buffer is full: nothing to do
+
+    async def _forward(self, fwd, policy):
+        try:
+            reply = await self.upstreams.resolve(fwd.query.key)
+        except Exception:
+            log.exception("upstream query failed")
+            reply = None
+        return core.finish(fwd, reply, policy, self.ctx, self.clock())
+
+    def _done(self, now: float, outcome, started: float) -> None:
+        duration = time.perf_counter() - started
+        self.observer.query(outcome, duration)
+        if outcome.action != "dropped":
+            self.querylog.log(now, outcome, duration)
+        else:
+            self.observer.dropped("malformed")
+
+    # -- TCP -----------------------------------------------------------------------------------
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tcp = self.config.tcp
+        if self._tcp_count >= tcp.max_connections:
+            self.observer.dropped("tcp-connections")
+            writer.close()
+            return
+        self._tcp_count += 1
+        peer = writer.get_extra_info("peername")[0]
+        lock = asyncio.Lock()
+        inflight: set[asyncio.Task] = set()
+        try:
+            for _ in range(tcp.max_queries):
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(2), tcp.idle_timeout)
+                    size = struct.unpack("!H", head)[0]
+                    data = await asyncio.wait_for(reader.readexactly(size), tcp.idle_timeout)
+                except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
+                    break
+                task = asyncio.ensure_future(self._tcp_query(data, peer, writer, lock))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+            if inflight:
+                await asyncio.wait(inflight, timeout=self.config.upstream_timeout * (len(self.config.upstreams) + 1))
+        finally:
+            self._tcp_count -= 1
+            writer.close()
+
+    async def _tcp_query(self, data: bytes, peer: str, writer, lock) -> None:
+        started = time.perf_counter()
+        now = self.clock()
+        policy = self.policy
+        try:
+            step = core.begin(data, peer, policy, self.ctx, now)
+            if isinstance(step, core.Forward):
+                reply, outcome = await self._forward(step, policy)
+            else:
+                reply, outcome = step
+        except Exception:
+            log.exception("TCP query from %s failed", peer)
+            return
+        if reply is not None:
+            async with lock:
+                try:
+                    writer.write(struct.pack("!H", len(reply)) + reply)
+                    await asyncio.wait_for(writer.drain(), self.config.tcp.idle_timeout)
+                except (ConnectionError, OSError, asyncio.TimeoutError):
+                    pass
+        self._done(now, outcome, started)
+
+    # -- reloads -------------------------------------------------------------------------------
+    async def _reload_loop(self) -> None:
+        interval = self.config.reload_interval
+        if interval <= 0:
+            return
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), interval)
+                return
+            except asyncio.TimeoutError:
+                pass
+            await self.reload(force=False)
+
+    async def reload(self, force: bool = True) -> bool:
+        """Load the blocklists off the event loop, validate, swap whole. False keeps the old policy."""
+        async with self._reload_lock:
+            directory = self.config.blocklists
+            seen = await asyncio.to_thread(fingerprint, directory)
+            if not force and seen == self.fingerprint:
+                return True
+            try:
+                policy, warnings = await asyncio.to_thread(load_with_warnings, directory, self.clock())
+            except PolicyError as e:
+                self.fingerprint = seen          # do not retry the same broken files every poll
+                self.reload_failures += 1
+                for problem in e.problems:
+                    log.error("reload rejected, keeping policy %s: %s", self.policy.revision, problem)
+                self.observer.reload(False, self.policy, self.clock())
+                return False
+            except Exception:
+                self.fingerprint = seen
+                self.reload_failures += 1
+                log.exception("reload failed, keeping policy %s", self.policy.revision)
+                self.observer.reload(False, self.policy, self.clock())
+                return False
+            for problem in warnings:
+                log.warning("%s", problem)
+            old = self.policy
+            self.policy = policy                 # the swap: one reference
+            self.fingerprint = seen
+            self.last_reload_ok = self.clock()
+            self.observer.reload(True, policy, self.last_reload_ok)
+            if policy.revision != old.revision:
+                log.info("policy %s loaded (was %s)", policy.revision, old.revision)
+            return True
+
+
+def _in_nets(client: str, nets) -> bool:
+    try:
+        addr = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(addr in n for n in nets)
+
+
+def drop_privileges(user: str | None) -> None:
+    if not user or os.getuid() != 0:
+        return
+    import grp
+    import pwd
+    entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    log.info("dropped privileges to %s (uid %d)", entry.pw_name, entry.pw_uid)
+
+
+async def serve(config: Config, policy: Policy, observer=None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
+    server = Server(config, policy, observer)
+    await server.start()
+    drop_privileges(config.user)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: server._spawn(server.reload(force=True)))
+    await stop.wait()
+    log.info("stopping: draining in-flight queries")
+    await server.stop()
+    return 0
