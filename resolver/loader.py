@@ -444,10 +444,12 @@ def compile_policy(revision, groups, default_group, allowed, services, exemption
                    subnet_table, allowed_table) -> Policy:
     names: dict[str, tuple[Rule, ...]] = {}
     patterns: dict[str, list] = {}
-    all_rules = [r for s in services.values() for r in s.rules]
+    all_rules = []
     if ENCRYPTED_DNS in services:
+        # first, so that a catalog entry for the same name cannot change the built-in answer
         all_rules += [Rule(ENCRYPTED_DNS, kind, name, why, 0, response)
                       for name, kind, response, why in BUILT_INS]
+    all_rules += [r for s in services.values() for r in s.rules]
     for rule in all_rules:
         if rule.kind == "pattern":
             patterns.setdefault(rule.service, []).append((rule, re.compile(rule.text)))
