@@ -135,6 +135,7 @@ def parse_query(data: bytes) -> Query:
     qtype, qclass = struct.unpack_from("!HH", data, offset)
     end = offset + 4
     question = data[12:end]
+    key = question_key(question)
     qname = ".".join(_label_text(l) for l in labels)
     if ancount or nscount:
         raise WireError("a query with answer or authority records")
@@ -165,7 +166,13 @@ def parse_query(data: bytes) -> Query:
         if version != 0:
             raise EdnsVersionError(qid, flags, question, edns)
         ecs = _read_ecs(data, rdata_at, offset)
-    return Query(qid, flags, qname, question, question.lower(), qtype, qclass, edns, do, ecs)
+    return Query(qid, flags, qname, question, key, qtype, qclass, edns, do, ecs)
+
+
+def question_key(question: bytes) -> bytes:
+    """The question with its name in lower case; type and class kept as sent (bytes.lower()
+    on the whole question would turn type 65, HTTPS, into 97)."""
+    return question[:-4].lower() + question[-4:]
 
 
 class EdnsVersionError(WireError):
@@ -173,7 +180,7 @@ class EdnsVersionError(WireError):
 
     def __init__(self, qid, flags, question, edns):
         super().__init__("unsupported EDNS version", FORMERR)
-        self.query = Query(qid, flags, "", question, question.lower(), 0, 0, edns)
+        self.query = Query(qid, flags, "", question, question_key(question), 0, 0, edns)
 
 
 def _read_ecs(data: bytes, start: int, end: int):
@@ -308,7 +315,7 @@ def parse_reply(data: bytes, question_key: bytes, qid: int) -> Reply:
     if qd != 1:
         raise WireError("reply does not echo one question")
     qend = 12 + len(question_key)
-    if data[12:qend].lower() != question_key:
+    if len(data) < qend or data[12:qend - 4].lower() + data[qend - 4:qend] != question_key:
         raise WireError("reply is for another question")
     rcode = flags & 0xF
     offset = qend
