@@ -146,10 +146,12 @@ def parse_query(data: bytes) -> Query:
     for _ in range(arcount):
         if arcount > 8:
             raise WireError("too many additional records")
+        owner_at = offset
         _, offset = read_name(data, offset)
         if offset + 10 > n:
             raise WireError("additional record runs past the end")
         rtype, rclass, ttl, rdlen = _RR.unpack_from(data, offset)
+        root_owned = offset == owner_at + 1
         rdata_at = offset + 10
         offset = rdata_at + rdlen
         if offset > n:
@@ -158,7 +160,7 @@ def parse_query(data: bytes) -> Query:
             continue
         if edns is not None:
             raise WireError("more than one OPT record")
-        if data[rdata_at - 11] != 0:
+        if not root_owned:
             raise WireError("OPT record not owned by the root")
         version = (ttl >> 16) & 0xFF
         edns = max(512, rclass)
@@ -277,7 +279,9 @@ def truncate(reply: bytes, limit: int) -> bytes:
     if qd:
         _, end = read_name(reply, 12)
         end += 4
-    return _H.pack(qid, flags | TC, qd, 0, 0, 0) + reply[12:end]
+    # RFC 6891 7: the OPT record stays in a truncated answer to an EDNS client (it is always last)
+    opt = reply[-11:] if ar and len(reply) >= end + 11 and reply[-11] == 0 and reply[-10:-8] == b"\x00\x29" else b""
+    return _H.pack(qid, flags | TC, qd, 0, 0, int(bool(opt))) + reply[12:end] + opt
 
 
 def make_query(qid: int, question: bytes, rd: bool = True, cd: bool = False, do: bool = False) -> bytes:

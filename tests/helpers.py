@@ -192,7 +192,10 @@ def ask(server: tuple[str, int] | Sinkhole, name: str, rdtype="A", source: str |
         tcp: bool = False, use_edns=False, payload: int = 1232, timeout: float = 3.0) -> dns.message.Message:
     """One query with dnspython from `source` (e.g. 127.0.1.5 for a desktop)."""
     host, port = (server.host, server.port) if isinstance(server, Sinkhole) else server
-    query = dns.message.make_query(name, rdtype, use_edns=0 if use_edns else None, payload=payload)
+    if use_edns:
+        query = dns.message.make_query(name, rdtype, use_edns=0, payload=payload)
+    else:
+        query = dns.message.make_query(name, rdtype, use_edns=False)
     if tcp:
         return dns.query.tcp(query, host, port=port, timeout=timeout, source=source)
     return dns.query.udp(query, host, port=port, timeout=timeout, source=source, ignore_trailing=False)
