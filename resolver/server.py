@@ -268,15 +268,36 @@ class Server:
                 pass
             await self.reload(force=False)
 
+    def _load(self, seen: str):
+        """Load (in a worker thread) from where the path resolves now, so that a symlink flip
+        mid-load cannot mix two revisions; if the files changed while loading (a `git pull` in
+        progress), load again, at most three times."""
+        for _ in range(3):
+            root = os.path.realpath(self.config.blocklists)
+            try:
+                policy, warnings = load_with_warnings(root, self.clock())
+            except PolicyError:
+                after = fingerprint(self.config.blocklists)
+                if after == seen:
+                    raise
+                seen = after
+                continue
+            after = fingerprint(self.config.blocklists)
+            if after == seen:
+                break
+            seen = after
+        else:
+            policy, warnings = load_with_warnings(os.path.realpath(self.config.blocklists), self.clock())
+        return policy, warnings, seen
+
     async def reload(self, force: bool = True) -> bool:
         """Load the blocklists off the event loop, validate, swap whole. False keeps the old policy."""
         async with self._reload_lock:
-            directory = self.config.blocklists
-            seen = await asyncio.to_thread(fingerprint, directory)
+            seen = await asyncio.to_thread(fingerprint, self.config.blocklists)
             if not force and seen == self.fingerprint:
                 return True
             try:
-                policy, warnings = await asyncio.to_thread(load_with_warnings, directory, self.clock())
+                policy, warnings, seen = await asyncio.to_thread(self._load, seen)
             except PolicyError as e:
                 self.fingerprint = seen          # do not retry the same broken files every poll
                 self.reload_failures += 1
