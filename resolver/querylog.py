@@ -42,6 +42,7 @@ class QueryLog:
         self._fd: int | None = None
         self._size = 0
         self._failing = False
+        self._inflight = 0          # lines the writer thread holds right now
         self._idle = threading.Event()
         self._idle.set()
 
@@ -75,9 +76,10 @@ class QueryLog:
             return False
         return self._idle.wait(timeout)
 
-    def close(self) -> None:
-        if not self.flush():
-            self._full += self._queue.qsize()      # lost with the process
+    def close(self, timeout: float = 3.0) -> None:
+        if not self.flush(timeout):
+            # the writer is stuck (a FIFO nobody reads, a hung disk): what it holds is lost
+            self._full += self._queue.qsize() + self._inflight
         if self.enabled:
             log.info("query log: %d lines written, %d dropped", self.written, self.dropped)
         if self._idle.is_set():
@@ -104,7 +106,9 @@ class QueryLog:
                     break
             lines = [(self.format(*item) + "\n").encode() for item in items if item is not None]
             if lines:
+                self._inflight = len(lines)
                 self._write_lines(lines)
+                self._inflight = 0
             if self._queue.empty():
                 self._idle.set()
 
