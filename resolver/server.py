@@ -270,24 +270,22 @@ class Server:
 
     def _load(self, seen: str):
         """Load (in a worker thread) from where the path resolves now, so that a symlink flip
-        mid-load cannot mix two revisions; if the files changed while loading (a `git pull` in
-        progress), load again, at most three times."""
-        for _ in range(3):
-            root = os.path.realpath(self.config.blocklists)
+        mid-load cannot mix two revisions. If the files changed while loading (a `git pull` in
+        progress), load again, at most three times; the fingerprint returned is the one taken
+        before the last load, so a change that raced it is picked up by the next poll."""
+        directory = self.config.blocklists
+        for attempt in range(3):
             try:
-                policy, warnings = load_with_warnings(root, self.clock())
-            except PolicyError:
-                after = fingerprint(self.config.blocklists)
-                if after == seen:
-                    raise
-                seen = after
-                continue
-            after = fingerprint(self.config.blocklists)
-            if after == seen:
+                policy, warnings = load_with_warnings(os.path.realpath(directory), self.clock())
+                error = None
+            except PolicyError as e:
+                error = e
+            after = fingerprint(directory)
+            if after == seen or attempt == 2:
                 break
             seen = after
-        else:
-            policy, warnings = load_with_warnings(os.path.realpath(self.config.blocklists), self.clock())
+        if error is not None:
+            raise error
         return policy, warnings, seen
 
     async def reload(self, force: bool = True) -> bool:
