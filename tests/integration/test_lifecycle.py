@@ -59,7 +59,7 @@ def rcode(server, name, source) -> int:
 # -- exemptions on the clock -------------------------------------------------------------------
 
 def test_exemption_window_without_reload(tmp_path):
-    starts = int(time.time()) + 4
+    starts = int(time.time()) + 5
     expires = starts + 3
     policy = dict(TEST_POLICY, exemptions=[{
         "id": "EX-WINDOW", "clients": [DESKTOP], "services": ["chat"], "approved_by": "Head of IT",

@@ -160,8 +160,11 @@ def test_full_disk_costs_lines_not_answers(tmp_path, blocklists):
             finally:
                 written, dropped = stop(server)
         assert server.count("No space left on device") == 1         # said once, not per line
-        assert dropped >= 50 and written + dropped == 100
+        assert dropped > 0 and written + dropped == 100
+        # the writer may still be behind when space comes back, so the lines written are the
+        # newest ones: every query after the disk was freed, and maybe a few before it
         names = [line["qname"] for line in read_lines(disk / "query.log")]
-        assert names == [f"free{i}.chat.test" for i in range(50)][-len(names):] and len(names) == written
+        asked = [f"full{i}.chat.test" for i in range(50)] + [f"free{i}.chat.test" for i in range(50)]
+        assert len(names) == written >= 50 and names == asked[-written:]
     finally:
         subprocess.run(["umount", str(disk)], check=True)
