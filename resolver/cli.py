@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .loader import PolicyError, check_directory, load_policy
-from .policy import decide
+from .policy import decide, iso_time
 from .yamlsrc import Problem
 
 DEFAULT_CONFIG = "sinkhole.yaml"
@@ -84,7 +84,17 @@ def cmd_explain(args) -> int:
         return 2
     print(f"client {args.client}: group {decision.group or '-'}")
     print(f"{normalize(args.name)} {args.type.upper()}: {decision.explain()}")
+    if decision.service is not None:
+        _, key = policy.classify(args.client)
+        for ex in policy.exemptions_covering(key, decision.service):
+            if ex is decision.exemption:
+                continue
+            when = (f"expired {iso_time(ex.expires)}" if ex.expires <= now
+                    else f"starts {iso_time(ex.starts)}, expires {iso_time(ex.expires)}")
+            print(f"  exemption {ex.id} ({ex.origin}) for this client and {decision.service} is not "
+                  f"in force: {when}")
     return 0
+
 
 
 _DURATION = re.compile(r"(\d+)([smhdw])\Z")
@@ -98,7 +108,8 @@ def parse_duration(text: str) -> float:
 
 
 def cmd_exemptions(args) -> int:
-    import datetime
+    """Every exemption with its state (active, pending, expired); with --expiring-within, only
+    those not yet expired that end within the window: the weekly review."""
     try:
         policy = load_policy(_blocklists(args), time.time())
     except PolicyError as e:
@@ -117,10 +128,9 @@ def cmd_exemptions(args) -> int:
         soon = ex.expires - now <= args.expiring_within if args.expiring_within is not None else True
         if args.expiring_within is not None and (state == "expired" or not soon):
             continue
-        iso = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat() if t else None
         rows.append({"id": ex.id, "state": state, "clients": list(ex.clients), "services": sorted(ex.services),
-                     "approved_by": ex.approved_by, "reason": ex.reason, "starts": iso(ex.starts),
-                     "expires": iso(ex.expires), "expires_in_seconds": int(ex.expires - now), "origin": ex.origin})
+                     "approved_by": ex.approved_by, "reason": ex.reason, "starts": iso_time(ex.starts),
+                     "expires": iso_time(ex.expires), "expires_in_seconds": int(ex.expires - now), "origin": ex.origin})
     rows.sort(key=lambda r: r["expires_in_seconds"])
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
@@ -129,9 +139,10 @@ def cmd_exemptions(args) -> int:
     if not rows:
         print("no exemptions" + (" expiring in that window" if args.expiring_within is not None else ""))
         return 0
-    header = ("ID", "STATE", "EXPIRES (UTC)", "IN", "CLIENTS", "SERVICES", "APPROVED BY")
+    header = ("ID", "STATE", "EXPIRES (UTC)", "IN", "CLIENTS", "SERVICES", "APPROVED BY", "REASON")
     table = [header] + [(r["id"], r["state"], r["expires"][:19], _human(r["expires_in_seconds"]),
-                         ",".join(r["clients"]), ",".join(r["services"]), r["approved_by"]) for r in rows]
+                         ",".join(r["clients"]), ",".join(r["services"]), r["approved_by"], r["reason"])
+                        for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())

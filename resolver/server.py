@@ -268,15 +268,34 @@ class Server:
                 pass
             await self.reload(force=False)
 
+    def _load(self, seen: str):
+        """Load (in a worker thread) from where the path resolves now, so that a symlink flip
+        mid-load cannot mix two revisions. If the files changed while loading (a `git pull` in
+        progress), load again, at most three times; the fingerprint returned is the one taken
+        before the last load, so a change that raced it is picked up by the next poll."""
+        directory = self.config.blocklists
+        for attempt in range(3):
+            try:
+                policy, warnings = load_with_warnings(os.path.realpath(directory), self.clock())
+                error = None
+            except PolicyError as e:
+                error = e
+            after = fingerprint(directory)
+            if after == seen or attempt == 2:
+                break
+            seen = after
+        if error is not None:
+            raise error
+        return policy, warnings, seen
+
     async def reload(self, force: bool = True) -> bool:
         """Load the blocklists off the event loop, validate, swap whole. False keeps the old policy."""
         async with self._reload_lock:
-            directory = self.config.blocklists
-            seen = await asyncio.to_thread(fingerprint, directory)
+            seen = await asyncio.to_thread(fingerprint, self.config.blocklists)
             if not force and seen == self.fingerprint:
                 return True
             try:
-                policy, warnings = await asyncio.to_thread(load_with_warnings, directory, self.clock())
+                policy, warnings, seen = await asyncio.to_thread(self._load, seen)
             except PolicyError as e:
                 self.fingerprint = seen          # do not retry the same broken files every poll
                 self.reload_failures += 1
