@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .loader import PolicyError, check_directory, load_policy
+from .loader import PolicyError, check_directory, load_policy, load_with_warnings
 from .policy import decide, iso_time
 from .yamlsrc import Problem
 
@@ -28,13 +28,15 @@ def cmd_serve(args) -> int:
                         format="%(asctime)s sinkhole %(levelname)s %(message)s", stream=sys.stderr)
     try:
         config = _config(args.config)
-        policy = load_policy(config.blocklists, time.time())
+        policy, warnings = load_with_warnings(config.blocklists, time.time())
     except PolicyError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         print("sinkhole: not starting: fix the problems above (it never serves without a valid policy)",
               file=sys.stderr)
         return 1
+    for problem in warnings:
+        logging.getLogger("sinkhole").warning("%s", problem)
     observer = None
     if config.metrics is not None:
         from .metrics import PrometheusObserver
