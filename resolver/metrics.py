@@ -86,7 +86,8 @@ class PrometheusObserver:
         self._drops = {r: self.drops.labels(r) for r in DROP_REASONS}
         self._upstreams: dict[str, tuple] = {}
         self._add_group(NO_GROUP, ())
-        registry.register(_ServerGauges(self))
+        self.gauges = _ServerGauges(self)
+        registry.register(self.gauges)
         self.endpoint = serve_metrics(registry, *listen, health=self.health, log=log) if listen else None
 
     # -- pre-initialised children --------------------------------------------------------------
