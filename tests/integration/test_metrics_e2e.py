@@ -231,3 +231,40 @@ def test_prometheus_scrapes_the_resolver_and_every_dashboard_query_has_data(tmp_
                 part.stop()
             else:
                 part.__exit__(None, None, None)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The resolver's /metrics read with curl: {'name{labels}': value}."""
+    out = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/metrics"], capture_output=True, text=True,
+                         timeout=10, check=True).stdout
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_reload_metrics_follow_a_rejected_and_a_fixed_policy(tmp_path, blocklists):
+    with Dnsmasq(["--host-record=www.example.test,192.0.2.10"]) as upstream, \
+         Sinkhole(tmp_path, {"upstreams": [upstream.address], "blocklists": str(blocklists), "reload_interval": 0.2,
+                             "metrics": {"listen": "127.0.0.1:0"}}) as server:
+        server.wait_for_log(lambda: server.count("metrics on") == 1, 10, "the metrics line")
+        port = port_of(next(l for l in server.lines if "metrics on" in l))
+        first = scrape(port)
+        assert first["sinkhole_policy_last_reload_successful"] == 1 and first["sinkhole_policy_reloads_total"] == 0
+        # unchanged files: each poll confirms the policy, which moves the timestamp but is no reload
+        poll(lambda: scrape(port)["sinkhole_policy_last_reload_success_timestamp_seconds"]
+             > first["sinkhole_policy_last_reload_success_timestamp_seconds"], 20, "a confirmation")
+        assert scrape(port)["sinkhole_policy_reloads_total"] == 0
+
+        policy_file = blocklists / "policy.yaml"
+        good = policy_file.read_text()
+        policy_file.write_text(good.replace("desktop:", "desktop: [", 1))
+        server.wait_for_log(lambda: server.count("reload rejected") >= 1, 20, "the rejected reload")
+        broken = poll(lambda: (m := scrape(port))["sinkhole_policy_reload_failures_total"] == 1 and m, 10, "failure")
+        assert broken["sinkhole_policy_last_reload_successful"] == 0 and broken["sinkhole_policy_reloads_total"] == 1
+        stamp = broken["sinkhole_policy_last_reload_success_timestamp_seconds"]
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200  # old policy serves
+
+        policy_file.write_text(good.replace("nxdomain", "refused"))
+        server.wait_for_log(lambda: server.count(" loaded (was ") >= 1, 20, "the fixed policy")
+        fixed = poll(lambda: (m := scrape(port))["sinkhole_policy_last_reload_successful"] == 1 and m, 10, "success")
+        assert fixed["sinkhole_policy_reloads_total"] == 2 and fixed["sinkhole_policy_reload_failures_total"] == 1
+        assert fixed["sinkhole_policy_last_reload_success_timestamp_seconds"] > stamp
