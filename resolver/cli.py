@@ -40,7 +40,12 @@ def cmd_serve(args) -> int:
     observer = None
     if config.metrics is not None:
         from .metrics import PrometheusObserver
-        observer = PrometheusObserver(config.metrics)
+        try:
+            observer = PrometheusObserver(config.metrics)
+        except OSError as e:
+            print(f"sinkhole: not starting: cannot serve metrics on {config.metrics[0]} port "
+                  f"{config.metrics[1]}: {e.strerror or e}", file=sys.stderr)
+            return 1
     logging.getLogger("sinkhole").info("policy %s from %s; upstreams %s", policy.revision,
                                        config.blocklists, ", ".join(f"{h}:{p}" for h, p in config.upstreams))
     return asyncio.run(serve(config, policy, observer))

@@ -67,6 +67,7 @@ class Server:
         self.addresses: list[tuple[str, int]] = []
         self.last_reload_ok: float | None = None
         self.reload_failures = 0
+        self.reload_failing = False          # the files on disk were rejected; the old policy serves
         self._udp: list[socket.socket] = []
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
@@ -120,6 +121,11 @@ class Server:
         self._tcp_servers.append(await asyncio.start_server(self._tcp_client, sock=tcp))
         log.info("serving DNS on %s port %d (UDP and TCP)", host, bound)
         return host, bound
+
+    @property
+    def serving(self) -> bool:
+        """Listening for DNS and not shutting down (for /healthz)."""
+        return bool(self.addresses) and not self._stopping.is_set()
 
     async def stop(self, drain: float = 5.0) -> None:
         """Stop listening, let in-flight queries finish (up to `drain` seconds), close everything."""
@@ -293,12 +299,16 @@ class Server:
         async with self._reload_lock:
             seen = await asyncio.to_thread(fingerprint, self.config.blocklists)
             if not force and seen == self.fingerprint:
+                if not self.reload_failing:      # confirmed: the policy in force is the one on disk
+                    self.last_reload_ok = self.clock()
+                    self.observer.reload(True, self.policy, self.last_reload_ok)
                 return True
             try:
                 policy, warnings, seen = await asyncio.to_thread(self._load, seen)
             except PolicyError as e:
                 self.fingerprint = seen          # do not retry the same broken files every poll
                 self.reload_failures += 1
+                self.reload_failing = True
                 for problem in e.problems:
                     log.error("reload rejected, keeping policy %s: %s", self.policy.revision, problem)
                 self.observer.reload(False, self.policy, self.clock())
@@ -306,6 +316,7 @@ class Server:
             except Exception:
                 self.fingerprint = seen
                 self.reload_failures += 1
+                self.reload_failing = True
                 log.exception("reload failed, keeping policy %s", self.policy.revision)
                 self.observer.reload(False, self.policy, self.clock())
                 return False
@@ -314,6 +325,7 @@ class Server:
             old = self.policy
             self.policy = policy                 # the swap: one reference
             self.fingerprint = seen
+            self.reload_failing = False
             self.last_reload_ok = self.clock()
             self.observer.reload(True, policy, self.last_reload_ok)
             if policy.revision != old.revision:
