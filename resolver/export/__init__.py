@@ -115,3 +115,30 @@ def write_outputs(outputs: dict[str, str], directory) -> list[Path]:
         tmp.replace(path)
         written.append(path)
     return written
+
+
+def name_decision(policy: Policy, cls: ClientClass, qname: str) -> tuple[str, str | None]:
+    """(forward | block, response) for `qname` from the name rules alone (patterns have no zone
+    form), as `decide` answers a client of `cls`: an exempted service's rule means forward."""
+    rule, _ = policy.match_name(cls.group.block, qname)
+    if rule is None or rule.service in cls.exempt_services:
+        return "forward", None
+    return "block", rule.response or cls.group.response
+
+
+def zone_names(policy: Policy, cls: ClientClass) -> list[tuple[str, bool]]:
+    """The names whose answer a zone for `cls` must state: (name, its subtree changes too), for
+    every name with a rule of a service the class's group blocks. A `host` changes only the name."""
+    out = []
+    for name, rules in policy.names.items():
+        mine = [r for r in rules if r.service in cls.group.block]
+        if mine:
+            out.append((name, any(r.kind != "host" for r in mine)))
+    return sorted(out, key=lambda item: tuple(reversed(item[0].split("."))))
+
+
+def unexpressed_patterns(policy: Policy, cls: ClientClass) -> list[str]:
+    """The regex patterns of services the class blocks (and is not exempted from)."""
+    return [f"{rule.service}: {rule.text} ({rule.origin})"
+            for service in sorted(cls.group.block - cls.exempt_services)
+            for rule, _ in policy.patterns.get(service, ())]
