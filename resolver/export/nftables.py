@@ -71,7 +71,7 @@ def ruleset(policy: Policy, now: float, sanctioned: tuple[str, ...] = ()) -> str
                 for r in policy.services[s].ip_ranges:
                     rnet = netaddr.IPNetwork(r.cidr)
                     if rnet.version == cnet.version:
-                        exempt[cnet.version].append(f"{cnet.cidr} . {rnet.cidr} timeout {timeout}s")
+                        exempt[cnet.version].append(f"{_elem(cnet)} . {_elem(rnet)} timeout {timeout}s")
     for v, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
         sets.append(_set(f"exempt_v{v}", f"{kind} . {kind}", exempt[v], "interval,timeout",
                          "exemptions in force: (client . service range), timing out at expiry"))
@@ -123,6 +123,10 @@ def _ranges(ipset: netaddr.IPSet) -> tuple[list[str], list[str]]:
         first, last = netaddr.IPAddress(r.first, r.version), netaddr.IPAddress(r.last, r.version)
         out[r.version].append(str(cidrs[0]) if len(cidrs) == 1 else f"{first}-{last}")
     return out[4], out[6]
+
+
+def _elem(net: netaddr.IPNetwork) -> str:
+    return str(net.ip) if net.prefixlen == (32 if net.version == 4 else 128) else str(net.cidr)
 
 
 def _merge(cidrs: list[str]) -> list[str]:
