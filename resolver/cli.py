@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _EXTRA = []     # other modules register subcommands here (sidecar, export)
+from .export import command as _export_command  # noqa: E402,F401 - registers `sinkhole export`
 
 
 def main(argv=None) -> int:

@@ -175,6 +175,20 @@ class Policy:
         block = group.block
         if not block:
             return None
+        rule, carved = self.match_name(block, qname)
+        if rule is not None:
+            return rule
+        for service in block:
+            compiled = self.patterns.get(service)
+            if compiled and service not in carved:
+                for rule, regex in compiled:
+                    if regex.fullmatch(qname):
+                        return rule
+        return None
+
+    def match_name(self, block, qname: str) -> tuple[Rule | None, tuple[str, ...]]:
+        """The name rules' part of `match` (no patterns): (deciding rule or None, services carved
+        out by an `allow` on the way up). The exporters compile zones from it."""
         names = self.names
         carved = ()
         name = qname
@@ -187,18 +201,11 @@ class Policy:
                     if rule.kind == "allow":
                         carved = carved + (rule.service,)
                     elif rule.kind != "host" or name is qname:
-                        return rule
+                        return rule, carved
             dot = name.find(".")
             if dot < 0:
-                break
+                return None, carved
             name = name[dot + 1:]
-        for service in block:
-            compiled = self.patterns.get(service)
-            if compiled and service not in carved:
-                for rule, regex in compiled:
-                    if regex.fullmatch(qname):
-                        return rule
-        return None
 
     def exemption_for(self, key: tuple[int, int], service: str, now: float) -> Exemption | None:
         version, addr = key
