@@ -37,18 +37,50 @@ def cmd_serve(args) -> int:
         return 1
     for problem in warnings:
         logging.getLogger("sinkhole").warning("%s", problem)
-    observer = None
-    if config.metrics is not None:
-        from .metrics import PrometheusObserver
-        try:
-            observer = PrometheusObserver(config.metrics)
-        except OSError as e:
-            print(f"sinkhole: not starting: cannot serve metrics on {config.metrics[0]} port "
-                  f"{config.metrics[1]}: {e.strerror or e}", file=sys.stderr)
-            return 1
     logging.getLogger("sinkhole").info("policy %s from %s; upstreams %s", policy.revision,
                                        config.blocklists, ", ".join(f"{h}:{p}" for h, p in config.upstreams))
-    return asyncio.run(serve(config, policy, observer))
+    if args.workers <= 1:
+        observer = _observer(config.metrics)
+        return 1 if observer is False else asyncio.run(serve(config, policy, observer))
+    if any(port == 0 for _, port in config.listen):
+        print("sinkhole: --workers needs fixed listen ports (port 0 would give each worker its own)",
+              file=sys.stderr)
+        return 1
+    from .server import run_workers
+    return run_workers(args.workers, lambda index: _worker(config, policy, index))
+
+
+def _observer(metrics):
+    """The Prometheus observer for `metrics: {listen}`, None without one, False if it cannot bind."""
+    if metrics is None:
+        return None
+    from .metrics import PrometheusObserver
+    try:
+        return PrometheusObserver(metrics)
+    except OSError as e:
+        print(f"sinkhole: not starting: cannot serve metrics on {metrics[0]} port "
+              f"{metrics[1]}: {e.strerror or e}", file=sys.stderr)
+        return False
+
+
+def _worker(config, policy, index: int) -> int:
+    """One of --workers N: worker i serves metrics on the metrics port + i and, when the query log
+    is a file, writes NAME.workerI.EXT for i > 0 (no two processes rotate one file)."""
+    import dataclasses
+    from .server import serve
+    metrics = config.metrics
+    if metrics is not None and metrics[1] and index:
+        metrics = (metrics[0], metrics[1] + index)
+    target = config.query_log.target
+    if index and target not in ("off", "stdout", "-"):
+        path = Path(target)
+        target = str(path.with_name(f"{path.stem}.worker{index}{path.suffix}"))
+    config = dataclasses.replace(config, metrics=metrics,
+                                 query_log=dataclasses.replace(config.query_log, target=target))
+    observer = _observer(metrics)
+    if observer is False:
+        return 1
+    return asyncio.run(serve(config, policy, observer, reuse_port=True))
 
 
 def cmd_check(args) -> int:
@@ -188,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the resolver")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N processes sharing the ports with SO_REUSEPORT (for machines with more cores)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check", help="validate a blocklists directory as the server would load it")

@@ -51,8 +51,10 @@ def fingerprint(directory: str) -> str:
 
 
 class Server:
-    def __init__(self, config: Config, policy: Policy, observer=None, clock=time.time):
+    def __init__(self, config: Config, policy: Policy, observer=None, clock=time.time,
+                 reuse_port: bool = False):
         self.config = config
+        self.reuse_port = reuse_port         # --workers: several processes share the listening ports
         self.policy = policy                 # the one reference a reload swaps
         self.observer = observer or Quiet()
         self.clock = clock
@@ -92,6 +94,8 @@ class Server:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for attempt in range(20):
             udp = socket.socket(family, socket.SOCK_DGRAM)
+            if self.reuse_port:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
@@ -102,6 +106,8 @@ class Server:
             bound = udp.getsockname()[1]
             tcp = socket.socket(family, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
@@ -353,9 +359,9 @@ def drop_privileges(user: str | None) -> None:
     log.info("dropped privileges to %s (uid %d)", entry.pw_name, entry.pw_uid)
 
 
-async def serve(config: Config, policy: Policy, observer=None) -> int:
+async def serve(config: Config, policy: Policy, observer=None, reuse_port: bool = False) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
-    server = Server(config, policy, observer)
+    server = Server(config, policy, observer, reuse_port=reuse_port)
     await server.start()
     drop_privileges(config.user)
     loop = asyncio.get_running_loop()
@@ -367,3 +373,61 @@ async def serve(config: Config, policy: Policy, observer=None) -> int:
     log.info("stopping: draining in-flight queries")
     await server.stop()
     return 0
+
+
+def run_workers(count: int, start_worker) -> int:
+    """`--workers N`: N processes share the listening ports with SO_REUSEPORT; the kernel spreads
+    clients over them. Each worker asks upstreams from its own sockets, so replies come back to
+    the process that asked. The parent forwards SIGHUP and SIGTERM and restarts a worker that dies
+    (at most 10 restarts a minute, then it stops them all: something is wrong, say so)."""
+    children: dict[int, int] = {}
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                code = start_worker(index)
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    stopping = False
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, forward)
+    for index in range(count):
+        spawn(index)
+    restarts: list[float] = []
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid, None)
+        if index is None or stopping:
+            continue
+        restarts = [t for t in restarts if time.monotonic() - t < 60] + [time.monotonic()]
+        if len(restarts) > 10:
+            log.error("workers keep dying; stopping all")
+            stopping, status = True, 1
+            forward(signal.SIGTERM, None)
+            continue
+        log.error("worker %d (pid %d) exited with status %d; restarting it", index, pid, code >> 8)
+        spawn(index)
+    return status
