@@ -67,12 +67,13 @@ class LiveCapture:
     """AF_PACKET listeners on one or more interfaces, filtered in the kernel."""
 
     def __init__(self, ifaces: list[str], bpf: str = BPF_FILTER, bufsize: int = RCVBUF):
+        from scapy.arch.linux import L2ListenSocket
         from scapy.config import conf
         conf.bufsize = bufsize
         self.sockets = []
         try:
             for iface in ifaces:
-                self.sockets.append(conf.L2listen(iface=iface, filter=bpf))
+                self.sockets.append(L2ListenSocket(iface=iface, filter=bpf))
         except Exception:
             self.close()
             raise

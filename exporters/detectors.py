@@ -195,7 +195,9 @@ def _encrypted_dns_name(name: str | None, ctx: Context) -> bool:
 
 
 def doh_sni(obs: Observation, ctx: Context) -> Finding | None:
-    if obs.kind == "hello" and obs.transport == "tcp" and _encrypted_dns_name(obs.sni, ctx):
+    # port 853 is DoT, reported by `dot` on the SYN; the SNI there adds nothing
+    if obs.kind == "hello" and obs.transport == "tcp" and obs.server_port != 853 \
+            and _encrypted_dns_name(obs.sni, ctx):
         return Finding("doh-sni", obs, ENCRYPTED_DNS, f"TLS ClientHello names encrypted-DNS host {obs.sni}",
                        obs.sni)
     return None
