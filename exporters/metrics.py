@@ -45,5 +45,6 @@ class SidecarMetrics:
 
 
 def serve(metrics: SidecarMetrics, host: str, port: int):
-    """Expose the registry over HTTP; returns (server, thread)."""
-    return start_http_server(port, addr=host, registry=metrics.registry)
+    """Expose the registry over HTTP on host:port (0: any free port); returns the bound port."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server.server_port

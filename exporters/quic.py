@@ -191,7 +191,7 @@ class CryptoStream:
             if offset >= MAX_HELLO or len(self.chunks) >= 64:
                 continue
             data = data[:MAX_HELLO - offset]
-            if len(data) > len(self.chunks.get(offset, b"")):
+            if len(data) > len(self.chunks.get(offset, b"")) and self.size + len(data) <= 2 * MAX_HELLO:
                 self.size += len(data) - len(self.chunks.get(offset, b""))
                 self.chunks[offset] = data
         stream = bytearray()

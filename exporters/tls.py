@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_HELLO = 16384          # bytes of client stream kept per flow; a ClientHello is ~0.5-2 KiB
+MAX_HELLO = 8192           # bytes of client stream kept per flow; a ClientHello is ~0.5-2.5 KiB
 EXT_SNI, EXT_ALPN, EXT_VERSIONS, EXT_QUIC_TP, EXT_ECH = 0x0000, 0x0010, 0x002B, 0x0039, 0xFE0D
 
 
@@ -155,7 +155,7 @@ class Reassembly:
             return bytes(self.data)             # retransmitted-before-base wraps high; beyond window
         payload = payload[:MAX_HELLO - offset]
         if offset > len(self.data):
-            if offset not in self.pending and len(self.pending) < 32:
+            if offset not in self.pending and len(self.pending) < 32 and self.size + len(payload) <= MAX_HELLO:
                 self.pending[offset] = payload
                 self.size += len(payload)
             return bytes(self.data)

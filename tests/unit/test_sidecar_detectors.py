@@ -67,6 +67,7 @@ CASES = {
     "external-dns tcp": ([syn(DESKTOP, "192.0.2.1", 53)], ["external-dns"]),
     "external-dns v6": ([udp(DESKTOP6, "2001:db8::1", 53, dns_query("x.test"))], ["external-dns"]),
     "dot to a listed resolver": ([syn(DESKTOP, DOH_IP, 853)], ["dot"]),
+    "dot with a resolver's sni is dot only": (tls_flow(DESKTOP, DOH_IP, "doh.test", port=853), ["dot"]),
     "dot to anyone": ([syn(DESKTOP, "192.0.2.77", 853)], ["dot", "no-dns"]),
     "doq on 853": ([udp(DESKTOP, "192.0.2.77", 853, b"\xc0" + bytes(40))], ["doq"]),
     "doq by alpn": (quic_flow(DESKTOP, WEB_IP, "www.example.test", alpn=("doq",)), ["doq", "no-dns"]),
@@ -195,6 +196,16 @@ def test_metric_names_follow_the_house_rules():
             assert set(s.labels) <= {"detector", "group", "result"}
     assert set(DETECTORS) == {s.labels["detector"] for s in m.registry.collect()
                               if s.name == "sinkhole_bypass_alerts" for s in s.samples}
+
+
+def test_metrics_are_served_over_http():
+    import urllib.request
+    from exporters.metrics import serve
+    m = SidecarMetrics()
+    m.groups(["desktop"])
+    port = serve(m, "127.0.0.1", 0)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'sinkhole_bypass_detections_total{detector="no-dns",group="desktop"} 0.0' in body
 
 
 def test_a_flood_of_flows_cannot_grow_state(tmp_path):
