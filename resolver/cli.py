@@ -270,5 +270,7 @@ def main(argv=None) -> int:
         return 130
 
 
+from exporters import cli as _sidecar_cli  # noqa: E402,F401 - registers `sinkhole sidecar`
+
 if __name__ == "__main__":
     sys.exit(main())
