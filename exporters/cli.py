@@ -42,8 +42,13 @@ def cmd_sidecar(args) -> int:
         serve(metrics, host, port)
     out = open(args.alerts, "a", buffering=1) if args.alerts not in (None, "-") else sys.stdout
     alerts = Alerts(out, settings.window)
+    enforce = None
+    if args.enforce:
+        from .enforce import NOT_ENFORCED_BY_DEFAULT, Enforcer
+        skip = NOT_ENFORCED_BY_DEFAULT - set(args.enforce_detectors or ())
+        enforce = Enforcer(args.enforce_timeout, skip)
     engine = Engine(policy, sanctioned_addresses(config), alerts, metrics, settings,
-                    started=None if args.pcap else time.time())
+                    started=None if args.pcap else time.time(), enforce=enforce)
     if args.pcap:
         return run_pcap(engine, args.pcap)
     reloader = Reloader(engine, blocklists, config.reload_interval, metrics)
@@ -66,6 +71,13 @@ def register(sub) -> None:
     p.add_argument("--grace", type=float, default=300.0, help="seconds an answer stays good past its TTL")
     p.add_argument("--no-dns-allow", help="comma-separated CIDRs no-dns ignores (default: shared "
                    "infrastructure: Apple 17/8, Cloudflare front ends)")
+    p.add_argument("--enforce", action="store_true",
+                   help="add each alert's (client, destination) to the nftables set bypass_v4/v6 of "
+                        "`sinkhole export nftables`, so the rest of the flow is dropped (off by default)")
+    p.add_argument("--enforce-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long an enforced pair stays in the set (default 600)")
+    p.add_argument("--enforce-detectors", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   metavar="no-dns", help="also enforce these detectors (no-dns is only reported by default)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_sidecar)
 

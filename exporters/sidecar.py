@@ -29,8 +29,9 @@ class Engine:
 
     def __init__(self, policy: Policy, sanctioned: tuple[str, ...], alerts: Alerts, metrics=None,
                  settings: Settings = Settings(), started: float | None = None,
-                 max_flows: int = 4096, max_quic: int = 2048, max_udp: int = 65536):
+                 max_flows: int = 4096, max_quic: int = 2048, max_udp: int = 65536, enforce=None):
         self.settings = settings
+        self.enforce = enforce              # callable(alert row) or None (see exporters/enforce.py)
         self.sanctioned = sanctioned
         self.learned = Learned(settings)
         self.alerts = alerts
@@ -88,6 +89,8 @@ class Engine:
                 else:
                     counts[0] += 1
                     rows.append(row)
+                    if self.enforce is not None:
+                        self.enforce(row)
                     if self.metrics is not None:
                         self.metrics.alerts.labels(f.detector).inc()
         return rows

@@ -24,6 +24,7 @@ from ..policy import ENCRYPTED_DNS, Policy
 from . import group_addresses, header, in_force, iso
 
 TABLE = "sinkhole"
+MAX_TIMEOUT = 30 * 86400          # seconds: the longest element timeout we write
 FAMILY = "inet"
 log = logging.getLogger("sinkhole.export")
 
@@ -64,7 +65,9 @@ def ruleset(policy: Policy, now: float, sanctioned: tuple[str, ...] = ()) -> str
 
     exempt = {4: [], 6: []}
     for ex in in_force(policy, now):
-        timeout = max(1, math.ceil(ex.expires - now))
+        # nft refuses timeouts beyond roughly 10^7..10^8 s; a longer exemption gets the cap, and
+        # the --apply loop re-applies before the cap runs out (see apply_loop)
+        timeout = max(1, min(MAX_TIMEOUT, math.ceil(ex.expires - now)))
         for client in ex.clients:
             cnet = netaddr.IPNetwork(client)
             for s in sorted(ex.services):
@@ -196,7 +199,7 @@ def apply_loop(load, sanctioned: tuple[str, ...], interval: float, nft=("nft",),
             else:
                 applied = policy.revision
                 nxt = policy.next_change(now)
-                due = nxt if nxt is not None else float("inf")
+                due = min(nxt if nxt is not None else float("inf"), now + MAX_TIMEOUT / 2)
                 print(f"sinkhole export: applied table {FAMILY} {TABLE} for revision {applied}; "
                       f"next regeneration {iso(nxt)}", file=sys.stderr)
         if rounds is None or n < rounds:
