@@ -24,6 +24,7 @@ from .loader import PolicyError, load_with_warnings
 from .observe import Quiet
 from .policy import Policy
 from .querylog import QueryLog
+from .ratelimit import PASS, SLIP, RateLimiter, slip_answer
 from .upstream import Upstreams
 from .wire import truncate
 
@@ -60,6 +61,8 @@ class Server:
         self.cache = Cache(c.size, c.min_ttl, c.max_ttl, c.negative_max_ttl, c.serve_stale)
         ecs_nets = [ipaddress.ip_network(n) for n in config.ecs_clients_from]
         self.ctx = core.Context(self.cache, (lambda client: _in_nets(client, ecs_nets)) if ecs_nets else None)
+        r = config.rate_limit
+        self.ratelimit = RateLimiter(r.rate, r.burst, r.exempt, r.slip) if r.rate else None
         self.upstreams = Upstreams(config.upstreams, config.upstream_timeout, self.observer.upstream)
         q = config.query_log
         self.querylog = QueryLog(q.target, q.max_bytes, q.backups, q.queue)
@@ -159,6 +162,13 @@ class Server:
     def _udp_query(self, sock, data: bytes, addr) -> None:
         started = time.perf_counter()
         now = self.clock()
+        if self.ratelimit is not None:  # UDP only: a TCP client's address cannot be spoofed
+            verdict = self.ratelimit.check(addr[0], now)
+            if verdict != PASS:
+                self.observer.dropped("ratelimit")
+                if verdict == SLIP and (reply := slip_answer(data)) is not None:
+                    self._sendto(sock, reply, addr)
+                return
         policy = self.policy            # read once: this query uses this snapshot to the end
         try:
             step = core.begin(data, addr[0], policy, self.ctx, now)
