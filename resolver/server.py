@@ -335,13 +335,14 @@ def drop_privileges(user: str | None) -> None:
 async def serve(config: Config, policy: Policy, observer=None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
     server = Server(config, policy, observer)
-    await server.start()
-    drop_privileges(config.user)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Handlers before the sockets: a SIGHUP or SIGTERM right after "serving DNS" must not kill us.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: server._spawn(server.reload(force=True)))
+    await server.start()
+    drop_privileges(config.user)
     await stop.wait()
     log.info("stopping: draining in-flight queries")
     await server.stop()

@@ -145,7 +145,7 @@ def parse_query(data: bytes) -> Query:
     for _ in range(arcount):
         if arcount > 8:
             raise WireError("too many additional records")
-        _, offset = read_name(data, offset)
+        owner, offset = read_name(data, offset)
         if offset + 10 > n:
             raise WireError("additional record runs past the end")
         rtype, rclass, ttl, rdlen = _RR.unpack_from(data, offset)
@@ -157,7 +157,7 @@ def parse_query(data: bytes) -> Query:
             continue
         if edns is not None:
             raise WireError("more than one OPT record")
-        if data[rdata_at - 11] != 0:
+        if owner:
             raise WireError("OPT record not owned by the root")
         version = (ttl >> 16) & 0xFF
         edns = max(512, rclass)
