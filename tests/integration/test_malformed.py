@@ -215,7 +215,7 @@ HOSTILE = {
     "billion-laughs": ("services/chat.yaml",
                        b"a: &a [x, x, x, x, x, x, x, x, x]\n" + b"".join(
                            b"%s: &%s [*%s, *%s, *%s, *%s, *%s, *%s, *%s, *%s, *%s]\n" % ((bytes([c]),) * 2 + (bytes([c - 1]),) * 9)
-                           for c in range(ord("b"), ord("j"))) + b"domains: *i\n", "services/chat.yaml:"),
+                           for c in range(ord("b"), ord("j"))) + b"domains: *i\n", "services/chat.yaml:1: expands to more than"),
     "wrong-types": ("policy.yaml", yaml.safe_dump({"groups": [1, 2], "default_group": [], "allowed_clients": "all",
                                                    "exemptions": {"x": 1}, "block_ttl": "ten"}).encode(), "policy.yaml:"),
     "python-tag": ("policy.yaml", b"groups: !!python/object/apply:os.system ['true']\n", "policy.yaml:1: invalid YAML"),
