@@ -31,6 +31,7 @@ from .wire import truncate
 log = logging.getLogger("sinkhole")
 UDP_BATCH = 64
 MAX_INFLIGHT = 4096
+TCP_PIPELINE = 64             # queries in progress per TCP connection before we stop reading
 
 
 def fingerprint(directory: str) -> str:
@@ -237,6 +238,8 @@ class Server:
                 task = asyncio.ensure_future(self._tcp_query(data, peer, writer, lock))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
+                if len(inflight) >= TCP_PIPELINE:   # stop reading until answers go out: bounded
+                    await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
             if inflight:
                 await asyncio.wait(inflight, timeout=self.config.upstream_timeout * (len(self.config.upstreams) + 1))
         finally:
@@ -262,7 +265,7 @@ class Server:
                     writer.write(struct.pack("!H", len(reply)) + reply)
                     await asyncio.wait_for(writer.drain(), self.config.tcp.idle_timeout)
                 except (ConnectionError, OSError, asyncio.TimeoutError):
-                    pass
+                    writer.transport.abort()    # a client that does not read loses the connection
         self._done(now, outcome, started)
 
     # -- reloads -------------------------------------------------------------------------------
