@@ -7,6 +7,7 @@ several per connection, answered as they complete.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import ipaddress
 import logging
@@ -101,7 +102,12 @@ class Server:
                 udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             except OSError:
                 pass
-            udp.bind((host, port))
+            try:
+                udp.bind((host, port))
+            except OSError as e:
+                udp.close()
+                hint = " (a port below 1024 needs root or CAP_NET_BIND_SERVICE)" if e.errno == errno.EACCES else ""
+                raise OSError(e.errno, f"cannot listen on {host} port {port}: {e.strerror}{hint}") from None
             bound = udp.getsockname()[1]
             tcp = socket.socket(family, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -344,7 +350,12 @@ async def serve(config: Config, policy: Policy, observer=None) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: server._spawn(server.reload(force=True)))
-    await server.start()
+    try:
+        await server.start()
+    except OSError as e:
+        log.error("not starting: %s", e)
+        await server.stop(drain=0)
+        return 1
     drop_privileges(config.user)
     await stop.wait()
     log.info("stopping: draining in-flight queries")
