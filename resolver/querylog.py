@@ -78,7 +78,7 @@ class QueryLog:
                 if self._file is not None:
                     try:
                         self._file.flush()
-                    except OSError:
+                    except (OSError, ValueError):   # ValueError: closed by close() meanwhile
                         self.errors += 1
                 if self._queue.empty():
                     self._idle.set()
@@ -95,7 +95,7 @@ class QueryLog:
                 try:
                     if self._file is not None:
                         self._file.flush()
-                except OSError:
+                except (OSError, ValueError):
                     self.errors += 1
                 self._idle.set()
 

@@ -100,7 +100,9 @@ class FakeUpstream:
         send = lambda wire: self.udp.sendto(wire, addr)
         if mode == "silent":
             return
-        if mode in ("good", "ttl1"):
+        if mode == "slow":                                      # answers after 0.5 s
+            threading.Timer(0.5, send, args=(self.answer(query).to_wire(),)).start()
+        elif mode in ("good", "ttl1"):
             send(self.answer(query, 1 if mode == "ttl1" else 300).to_wire())
         elif mode in ("servfail", "refused"):
             response = dns.message.make_response(query)
@@ -256,3 +258,22 @@ def test_no_serve_stale_by_default(tmp_path, blocklists):
         reply = wait_until_asked_again(server, upstream, "stale.example.test")
         assert len(upstream.seen) >= 2
         assert reply.rcode() == dns.rcode.SERVFAIL
+
+
+def test_sigterm_drains_queries_in_flight(tmp_path, blocklists):
+    with FakeUpstream("slow") as upstream, \
+         sinkhole(tmp_path, blocklists, upstream, upstream_timeout=3) as server:
+        query = dns.message.make_query("drain.example.test", "A")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.2.5", 0))
+            s.settimeout(5)
+            s.sendto(query.to_wire(), (server.host, server.port))
+            deadline = time.monotonic() + 5
+            while not upstream.seen and time.monotonic() < deadline:     # the event: it is in flight
+                time.sleep(0.01)
+            assert upstream.seen
+            server.proc.terminate()
+            reply = dns.message.from_wire(s.recv(65535))
+        assert reply.id == query.id and addresses(reply) == [GOOD]
+        assert server.proc.wait(10) == 0
+        assert server.count("draining in-flight queries") == 1
