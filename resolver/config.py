@@ -14,7 +14,7 @@ KEYS = {"listen", "upstreams", "upstream_timeout", "blocklists", "cache", "reloa
 CACHE_KEYS = {"size", "min_ttl", "max_ttl", "negative_max_ttl", "serve_stale"}
 LOG_KEYS = {"target", "max_bytes", "backups", "queue"}
 METRICS_KEYS = {"listen"}
-RATE_KEYS = {"rate", "burst", "exempt"}
+RATE_KEYS = {"rate", "burst", "exempt", "slip"}
 TCP_KEYS = {"max_connections", "idle_timeout", "max_queries"}
 
 
@@ -40,6 +40,7 @@ class RateLimitConfig:
     rate: int = 0              # queries per second per /32 (IPv4) or /64 (IPv6); 0 = off
     burst: int = 0
     exempt: tuple[str, ...] = ()
+    slip: int = 2              # over the limit: every 2nd query gets TC=1 (retry over TCP), the rest dropped; 0 = drop all
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def load_config(path) -> Config:
     cache = section("cache", CACHE_KEYS, CacheConfig, {k: int for k in CACHE_KEYS})
     query_log = section("query_log", LOG_KEYS, QueryLogConfig,
                         {"target": str, "max_bytes": int, "backups": int, "queue": int})
-    rate = section("rate_limit", RATE_KEYS, RateLimitConfig, {"rate": int, "burst": int, "exempt": tuple})
+    rate = section("rate_limit", RATE_KEYS, RateLimitConfig, {"rate": int, "burst": int, "exempt": tuple, "slip": int})
     tcp = section("tcp", TCP_KEYS, TcpConfig, {"max_connections": int, "idle_timeout": float, "max_queries": int})
     if query_log.target not in ("off", "stdout", "-"):
         query_log = QueryLogConfig(str(base / query_log.target), query_log.max_bytes,

@@ -419,7 +419,7 @@ def _build(directory: Path, now: float | None) -> tuple[Policy | None, list[Prob
     default_group = data.get("default_group")
     if default_group is None:
         report.error(data.line, "policy needs 'default_group' (the group of allowed clients in no group's subnets)")
-    elif default_group not in groups:
+    elif not isinstance(default_group, str) or default_group not in groups:
         report.error(data.line_of("default_group"), f"default_group {default_group!r} is not a group")
     allowed_raw = report.typed(data, "allowed_clients", list, "policy", None)
     allowed_table: dict[int, dict[int, dict[int, bool]]] = {4: {}, 6: {}}

@@ -7,6 +7,7 @@ several per connection, answered as they complete.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import ipaddress
 import logging
@@ -24,12 +25,14 @@ from .loader import PolicyError, load_with_warnings
 from .observe import Quiet
 from .policy import Policy
 from .querylog import QueryLog
+from .ratelimit import PASS, SLIP, RateLimiter, slip_answer
 from .upstream import Upstreams
 from .wire import truncate
 
 log = logging.getLogger("sinkhole")
 UDP_BATCH = 64
 MAX_INFLIGHT = 4096
+TCP_PIPELINE = 64             # queries in progress per TCP connection before we stop reading
 
 
 def fingerprint(directory: str) -> str:
@@ -62,6 +65,8 @@ class Server:
         self.cache = Cache(c.size, c.min_ttl, c.max_ttl, c.negative_max_ttl, c.serve_stale)
         ecs_nets = [ipaddress.ip_network(n) for n in config.ecs_clients_from]
         self.ctx = core.Context(self.cache, (lambda client: _in_nets(client, ecs_nets)) if ecs_nets else None)
+        r = config.rate_limit
+        self.ratelimit = RateLimiter(r.rate, r.burst, r.exempt, r.slip) if r.rate else None
         self.upstreams = Upstreams(config.upstreams, config.upstream_timeout, self.observer.upstream)
         q = config.query_log
         self.querylog = QueryLog(q.target, q.max_bytes, q.backups, q.queue)
@@ -102,7 +107,12 @@ class Server:
                 udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             except OSError:
                 pass
-            udp.bind((host, port))
+            try:
+                udp.bind((host, port))
+            except OSError as e:
+                udp.close()
+                hint = " (a port below 1024 needs root or CAP_NET_BIND_SERVICE)" if e.errno == errno.EACCES else ""
+                raise OSError(e.errno, f"cannot listen on {host} port {port}: {e.strerror}{hint}") from None
             bound = udp.getsockname()[1]
             tcp = socket.socket(family, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -150,7 +160,7 @@ class Server:
         self.querylog.close()
 
     def _spawn(self, coro, background: bool = True) -> asyncio.Task:
-        task = self._loop.create_task(coro)
+        task = (self._loop or asyncio.get_running_loop()).create_task(coro)
         if background:
             task.set_name("bg:" + task.get_name())
         self._tasks.add(task)
@@ -171,6 +181,13 @@ class Server:
     def _udp_query(self, sock, data: bytes, addr) -> None:
         started = time.perf_counter()
         now = self.clock()
+        if self.ratelimit is not None:  # UDP only: a TCP client's address cannot be spoofed
+            verdict = self.ratelimit.check(addr[0], now)
+            if verdict != PASS:
+                self.observer.dropped("ratelimit")
+                if verdict == SLIP and (reply := slip_answer(data)) is not None:
+                    self._sendto(sock, reply, addr)
+                return
         policy = self.policy            # read once: this query uses this snapshot to the end
         try:
             step = core.begin(data, addr[0], policy, self.ctx, now)
@@ -239,6 +256,8 @@ class Server:
                 task = asyncio.ensure_future(self._tcp_query(data, peer, writer, lock))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
+                if len(inflight) >= TCP_PIPELINE:   # stop reading until answers go out: bounded
+                    await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
             if inflight:
                 await asyncio.wait(inflight, timeout=self.config.upstream_timeout * (len(self.config.upstreams) + 1))
         finally:
@@ -264,7 +283,7 @@ class Server:
                     writer.write(struct.pack("!H", len(reply)) + reply)
                     await asyncio.wait_for(writer.drain(), self.config.tcp.idle_timeout)
                 except (ConnectionError, OSError, asyncio.TimeoutError):
-                    pass
+                    writer.transport.abort()    # a client that does not read loses the connection
         self._done(now, outcome, started)
 
     # -- reloads -------------------------------------------------------------------------------
@@ -362,13 +381,19 @@ def drop_privileges(user: str | None) -> None:
 async def serve(config: Config, policy: Policy, observer=None, reuse_port: bool = False) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
     server = Server(config, policy, observer, reuse_port=reuse_port)
-    await server.start()
-    drop_privileges(config.user)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Handlers before the sockets: a SIGHUP or SIGTERM right after "serving DNS" must not kill us.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: server._spawn(server.reload(force=True)))
+    try:
+        await server.start()
+    except OSError as e:
+        log.error("not starting: %s", e)
+        await server.stop(drain=0)
+        return 1
+    drop_privileges(config.user)
     await stop.wait()
     log.info("stopping: draining in-flight queries")
     await server.stop()

@@ -13,6 +13,7 @@ import yaml
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 32
+MAX_VALUES = 4_000_000      # values after expanding aliases: a "billion laughs" file is a problem
 
 
 @dataclass(frozen=True)
@@ -107,14 +108,29 @@ _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
 
 
+def _expanded_size(value, seen: dict) -> int:
+    """How many values `value` holds once aliases are expanded; each shared object is counted
+    once per use but walked only once, so this is fast even when the answer is huge."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    known = seen.get(id(value))
+    if known is None:
+        items = value.values() if isinstance(value, dict) else value
+        known = seen[id(value)] = 1 + sum(_expanded_size(v, seen) for v in items)
+    return known
+
+
 def parse_yaml(text: str, path: str) -> tuple[object, list[Problem]]:
     """Parse YAML text; return (data, problems). Data is None when the text is unusable."""
     try:
         loader = _Loader(text)
         try:
-            return loader.get_single_data(), []
+            data = loader.get_single_data()
         finally:
             loader.dispose()
+        if _expanded_size(data, {}) > MAX_VALUES:
+            return None, [Problem(path, 1, f"expands to more than {MAX_VALUES} values (YAML aliases?)")]
+        return data, []
     except _DuplicateKey as e:
         return None, [Problem(path, e.line, f"duplicate key {e.key!r}")]
     except _TooDeep as e:
