@@ -219,3 +219,59 @@ def test_enforce_add_drops_the_rest_of_a_flow(tmp_path):
         assert net.connects("mob", MOBILE, WEB, 80)
         with pytest.raises(ValueError):
             nftables.enforce_add(DESKTOP, "2001:db8::1", 30, nft=net.nft)
+
+
+def wait_for_set(net, name, predicate, seconds, what):
+    """Poll `nft list set` (bounded in count and time) until `predicate(listing)` holds."""
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds * 20)):
+        listing = net.ex("gw", "nft", "list", "set", "inet", "sinkhole", name, check=False).stdout
+        if predicate(listing):
+            return listing
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; set {name}:\n{listing}")
+
+
+def test_apply_follows_policy_changes_and_keeps_bypass_flows(tmp_path):
+    from resolver.export import nftables
+    starts = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=8)
+    body = policy(starts + timedelta(days=1))
+    body["exemptions"][0]["starts"] = starts.isoformat()       # EX-1 starts while --apply runs
+    blocklists = write_blocklists(tmp_path / "bl", body, SERVICES)
+    with Net() as net:
+        proc = subprocess.Popen(["ip", "netns", "exec", net.ns["gw"], sys.executable, "-m", "resolver", "export",
+                                 "nftables", "--blocklists", str(blocklists), "--apply", "--interval", "0.2"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        net.procs.append(proc)
+        assert "applied table inet sinkhole" in proc.stderr.readline()
+        assert time.time() < starts.timestamp(), "the test machine was too slow to see EX-1 pending"
+        assert EXEMPT not in net.ex("gw", "nft", "list", "set", "inet", "sinkhole", "exempt_v4").stdout
+        assert not net.connects("desk", EXEMPT, BLOCKED, 443)
+        assert net.connects("desk", DESKTOP, WEB, 80) and net.connects("desk", DESKTOP, DOH, 443) is False
+        nftables.enforce_add(DESKTOP, OTHER, 600, nft=net.nft)          # what the sidecar would do
+        assert not net.connects("desk", DESKTOP, OTHER, 80)
+
+        # a commit: chat gets another range, desktops stop blocking encrypted-dns
+        services = {**SERVICES, "chat": {**SERVICES["chat"], "ip_ranges": SERVICES["chat"]["ip_ranges"]
+                                         + [{"cidr": f"{WEB}/32", "source": "t"}]}}
+        body["groups"]["desktop"]["block"] = ["chat"]
+        write_blocklists(tmp_path / "bl", body, services)
+        wait_for_set(net, "svc_chat_v4", lambda text: WEB in text, 20, "the new range in the kernel")
+        assert not net.connects("desk", DESKTOP, WEB, 80), "the new range is rejected"
+        assert net.connects("mob", MOBILE, WEB, 80)
+        table = net.ex("gw", "nft", "list", "table", "inet", "sinkhole").stdout
+        assert "svc_encrypted_dns_v4" not in table, "the set of a service no longer blocked is deleted"
+        assert net.connects("desk", DESKTOP, DOH, 443)
+        bypass = net.ex("gw", "nft", "list", "set", "inet", "sinkhole", "bypass_v4").stdout
+        assert f"{DESKTOP} . {OTHER}" in bypass, "the re-apply kept the sidecar's element"
+        assert not net.connects("desk", DESKTOP, OTHER, 80) and net.connects("desk", EXEMPT, OTHER, 80)
+
+        # EX-1 starts: no commit, the regeneration time alone re-applies
+        wait_for_set(net, "exempt_v4", lambda text: EXEMPT in text, starts.timestamp() - time.time() + 15,
+                     "EX-1 to come into force")
+        assert time.time() >= starts.timestamp() - 1, "the exemption began before it starts"
+        assert net.connects("desk", EXEMPT, BLOCKED, 443) and not net.connects("desk", DESKTOP, BLOCKED, 443)
+        assert f"{DESKTOP} . {OTHER}" in net.ex("gw", "nft", "list", "set", "inet", "sinkhole", "bypass_v4").stdout
+        assert proc.poll() is None, proc.stderr.read()
