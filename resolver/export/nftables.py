@@ -6,10 +6,17 @@ connections to those services' `ip_ranges` (the encrypted-dns ranges are the DoH
 groups that block encrypted-dns it drops DoT/DoQ (TCP/UDP 853) and DNS to anything but the
 sanctioned resolvers. Groups that block nothing (mobile) never match a rule. Exemptions in force are
 (client . range) elements that time out at the exemption's expiry.
+
+Re-applying (a policy commit, an exemption starting or ending) replaces the chain and the policy
+sets in one transaction but never the table: the sidecar's `bypass_v4`/`bypass_v6` sets keep their
+elements and timeouts, so a flow caught bypassing DNS stays dropped across a policy change. Sets of
+an earlier policy that the new one no longer has are deleted in the same transaction (`apply` lists
+them from the kernel; a ruleset loaded by hand with `nft -f` leaves them, unreferenced).
 """
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import re
@@ -50,18 +57,20 @@ def _set(name: str, kind: str, elements: list[str], flags: str = "interval", com
     return f"\tset {name} {{\n" + "\n".join(body) + "\n\t}\n"
 
 
-def ruleset(policy: Policy, now: float, sanctioned: tuple[str, ...] = ()) -> str:
-    """The whole ruleset text, to be loaded with `nft -f` (it replaces the table atomically)."""
+KEPT = ("bypass_v4", "bypass_v6")       # the sidecar's dynamic sets: never emptied by a re-apply
+_BYPASS = "(client . destination) flows the sidecar caught bypassing DNS"
+
+
+def ruleset(policy: Policy, now: float, sanctioned: tuple[str, ...] = (), stale: tuple[str, ...] = ()) -> str:
+    """The whole ruleset text, to be loaded with `nft -f`. It replaces the table's chain and policy
+    sets in one transaction and keeps the sidecar's bypass sets and their elements; `stale` names
+    sets of an earlier policy to delete (`apply` lists them from the kernel)."""
     addresses = group_addresses(policy)
     enforced = [g for g in policy.groups.values() if g.block]
     services = sorted({s for g in enforced for s in g.block if policy.services[s].ip_ranges})
-    sets, rules = [], []
-    sets.append(_set("bypass_v4", "ipv4_addr . ipv4_addr", [], "timeout",
-                     "(client . destination) flows the sidecar caught bypassing DNS"))
-    sets.append(_set("bypass_v6", "ipv6_addr . ipv6_addr", [], "timeout",
-                     "(client . destination) flows the sidecar caught bypassing DNS"))
-    rules.append('\t\tip saddr . ip daddr @bypass_v4 counter drop comment "bypass caught by the sidecar"')
-    rules.append('\t\tip6 saddr . ip6 daddr @bypass_v6 counter drop comment "bypass caught by the sidecar"')
+    sets = []                                            # (name, type, flags, elements, comment)
+    rules = ['\t\tip saddr . ip daddr @bypass_v4 counter drop comment "bypass caught by the sidecar"',
+             '\t\tip6 saddr . ip6 daddr @bypass_v6 counter drop comment "bypass caught by the sidecar"']
 
     exempt = {4: [], 6: []}
     for ex in in_force(policy, now):
@@ -76,25 +85,25 @@ def ruleset(policy: Policy, now: float, sanctioned: tuple[str, ...] = ()) -> str
                     if rnet.version == cnet.version:
                         exempt[cnet.version].append(f"{_elem(cnet)} . {_elem(rnet)} timeout {timeout}s")
     for v, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-        sets.append(_set(f"exempt_v{v}", f"{kind} . {kind}", exempt[v], "interval,timeout",
-                         "exemptions in force: (client . service range), timing out at expiry"))
+        sets.append((f"exempt_v{v}", f"{kind} . {kind}", "interval,timeout", exempt[v],
+                     "exemptions in force: (client . service range), timing out at expiry"))
     rules.append('\t\tip saddr . ip daddr @exempt_v4 counter accept comment "exemption in force"')
     rules.append('\t\tip6 saddr . ip6 daddr @exempt_v6 counter accept comment "exemption in force"')
 
     for s in services:
         v4, v6 = _split(r.cidr for r in policy.services[s].ip_ranges)
         what = "DoH/DoT resolver addresses" if s == ENCRYPTED_DNS else f"ip_ranges of service {s}"
-        sets.append(_set(f"svc_{_ident(s)}_v4", "ipv4_addr", _merge(v4), comment=what))
-        sets.append(_set(f"svc_{_ident(s)}_v6", "ipv6_addr", _merge(v6), comment=what))
+        sets.append((f"svc_{_ident(s)}_v4", "ipv4_addr", "interval", _merge(v4), what))
+        sets.append((f"svc_{_ident(s)}_v6", "ipv6_addr", "interval", _merge(v6), what))
     v4, v6 = _split(sanctioned)
-    sets.append(_set("sanctioned_v4", "ipv4_addr", _merge(v4), comment="resolvers clients may use on port 53"))
-    sets.append(_set("sanctioned_v6", "ipv6_addr", _merge(v6), comment="resolvers clients may use on port 53"))
+    sets.append(("sanctioned_v4", "ipv4_addr", "interval", _merge(v4), "resolvers clients may use on port 53"))
+    sets.append(("sanctioned_v6", "ipv6_addr", "interval", _merge(v6), "resolvers clients may use on port 53"))
 
     for g in enforced:
         gid = _ident(g.name)
         v4, v6 = _ranges(addresses[g.name])
-        sets.append(_set(f"clients_{gid}_v4", "ipv4_addr", v4, comment=f"clients of group {g.name}"))
-        sets.append(_set(f"clients_{gid}_v6", "ipv6_addr", v6, comment=f"clients of group {g.name}"))
+        sets.append((f"clients_{gid}_v4", "ipv4_addr", "interval", v4, f"clients of group {g.name}"))
+        sets.append((f"clients_{gid}_v6", "ipv6_addr", "interval", v6, f"clients of group {g.name}"))
         for ip, v in (("ip", 4), ("ip6", 6)):
             src = f"{ip} saddr @clients_{gid}_v{v}"
             for s in sorted(g.block):
@@ -109,13 +118,22 @@ def ruleset(policy: Policy, now: float, sanctioned: tuple[str, ...] = ()) -> str
                                  f'@sanctioned_v{v} counter drop comment "{g.name}: DNS to unsanctioned resolvers"')
     note = "" if sanctioned else ("# No sanctioned_resolvers configured: DNS on port 53 is not restricted.\n"
                                   "# Set sanctioned_resolvers in sinkhole.yaml (or pass --sanctioned).\n")
+    chain = "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n"
+    gone = [name for name in dict.fromkeys(stale) if name not in KEPT and name not in {s[0] for s in sets}]
+    # 1. declare what the deletes below need (a no-op for what exists); 2. empty the chain and drop
+    # the policy sets; 3. define them again. The kernel applies all of it or nothing.
     return (header(policy, now, "nftables ruleset for the gateway (forward hook)") + note +
-            f"table {FAMILY} {TABLE}\n"
-            f"delete table {FAMILY} {TABLE}\n"           # with the line above: replace atomically
-            f"table {FAMILY} {TABLE} {{\n" + "\n".join(sets) + "\n"
-            "\tchain forward {\n"
-            "\t\ttype filter hook forward priority filter; policy accept;\n" +
-            "\n".join(rules) + "\n\t}\n}\n")
+            "# Loading it replaces the chain and the policy sets and keeps bypass_v4/v6 and their elements.\n"
+            f"table {FAMILY} {TABLE} {{\n" +
+            _set("bypass_v4", "ipv4_addr . ipv4_addr", [], "timeout", _BYPASS) +
+            _set("bypass_v6", "ipv6_addr . ipv6_addr", [], "timeout", _BYPASS) +
+            "".join(_set(name, kind, [], flags) for name, kind, flags, _, _ in sets) +
+            chain + "\t}\n}\n"
+            f"flush chain {FAMILY} {TABLE} forward\n" +
+            "".join(f"delete set {FAMILY} {TABLE} {name}\n" for name in [s[0] for s in sets] + gone) +
+            f"table {FAMILY} {TABLE} {{\n" +
+            "\n".join(_set(name, kind, elements, flags, comment) for name, kind, flags, elements, comment in sets) +
+            "\n" + chain + "\n".join(rules) + "\n\t}\n}\n")
 
 
 def _ranges(ipset: netaddr.IPSet) -> tuple[list[str], list[str]]:
@@ -139,10 +157,20 @@ def _merge(cidrs: list[str]) -> list[str]:
 
 # -- I/O ---------------------------------------------------------------------------------------
 
-def _run(argv, data: str | None = None) -> None:
+def _run(argv, data: str | None = None) -> str:
     proc = subprocess.run(argv, input=data, capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip() or 'exit ' + str(proc.returncode)}")
+    return proc.stdout
+
+
+def existing_sets(nft=("nft",)) -> tuple[str, ...]:
+    """The names of the sets in our table now (none if there is no table yet)."""
+    try:
+        listing = json.loads(_run([*nft, "-j", "list", "table", FAMILY, TABLE]))
+    except RuntimeError:
+        return ()
+    return tuple(item["set"]["name"] for item in listing.get("nftables", ()) if "set" in item)
 
 
 def check(text: str, nft=("nft",)) -> None:
@@ -191,7 +219,7 @@ def apply_loop(load, sanctioned: tuple[str, ...], interval: float, nft=("nft",),
             policy = None
         if policy is not None and (policy.revision != applied or now >= due):
             try:
-                apply(ruleset(policy, now, sanctioned), nft)
+                apply(ruleset(policy, now, sanctioned, existing_sets(nft)), nft)
             except RuntimeError as e:
                 print(f"sinkhole export: apply failed, the ruleset in force stays: {e}", file=sys.stderr)
                 if applied is None and rounds is not None and n == rounds:

@@ -16,6 +16,13 @@ from . import client_classes, header, iso, rpz
 
 MODULE = "sinkhole_unbound.py"
 CONF = "sinkhole-unbound.conf"
+CNAME_NOTE = (
+    "# KNOWN DIFFERENCE (CNAME cloaking): the sinkhole resolver blocks an allowed name whose upstream\n"
+    "# CNAME chain reaches a name the client's group blocks. Unbound applies the RPZ to CNAME targets\n"
+    "# itself, but not per client class: a chain blocked for one class can be answered blocked to\n"
+    "# other classes (from its cache), and targets only a service pattern or a refused group blocks\n"
+    "# are not re-checked. Use the sinkhole resolver where CNAME cloaking matters.\n")
+ANY_NOTE = "# ANY queries get the RFC 8482 answer (one HINFO \"RFC8482\"), as from the resolver.\n"
 _TEMPLATE = Path(__file__).with_name("unbound_module.py.txt")
 
 
@@ -44,6 +51,7 @@ def config(policy: Policy, now: float, directory: str) -> str:
     out = [header(policy, now, "Unbound configuration fragment for the sinkhole policy"),
            "# Include it from unbound.conf. It sets module-config; keep `python` before `iterator`\n"
            "# if you add modules (for example: \"respip validator python iterator\").\n",
+           CNAME_NOTE, ANY_NOTE,
            "server:\n",
            '    module-config: "respip python iterator"\n',
            f'    define-tag: "{" ".join(c.name for c in classes)}"\n',

@@ -2,8 +2,10 @@
 
 Namespaces: a desktop (10.1.0.10, and 10.1.0.20 with an exemption), a mobile client (10.2.0.10),
 the gateway (forwarding; the ruleset on its forward hook) and an "internet" host that owns
-198.51.100.10 (a blocked service's range), 203.0.113.53 (a DoH resolver) and 203.0.113.80 (an
-ordinary web server), listening on TCP 443, 853 and 80.
+198.51.100.10 (a blocked service's range), 203.0.113.53 (a DoH resolver), 203.0.113.80 and .81
+(ordinary web servers), listening on TCP 443, 853 and 80, and two real DNS servers (dnsmasq):
+the sanctioned resolver 203.0.113.10 and an outside one, 203.0.113.99, also on UDP 853 (DNS over
+QUIC's port). DNS clients are dig.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ pytestmark = [pytest.mark.e2e,
 SERVER = r"""
 import socket, sys, threading
 socks = []
-for port in map(int, sys.argv[1:]):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(16); socks.append(s)
+for addr in sys.argv[1].split(","):
+    for port in map(int, sys.argv[2:]):
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((addr, port)); s.listen(16); socks.append(s)
 def serve(s):
     while True:
         c, _ = s.accept()
@@ -49,7 +52,9 @@ except OSError as e:
 print(data.decode().strip()); sys.exit(0 if data == b"ok\n" else 1)
 """
 
-BLOCKED, DOH, WEB = "198.51.100.10", "203.0.113.53", "203.0.113.80"
+BLOCKED, DOH, WEB, OTHER = "198.51.100.10", "203.0.113.53", "203.0.113.80", "203.0.113.81"
+SANCTIONED, OUTSIDE_DNS = "203.0.113.10", "203.0.113.99"
+PROBE = ("probe.test", "192.0.2.77")    # the one name the DNS servers know
 DESKTOP, EXEMPT, MOBILE = "10.1.0.10", "10.1.0.20", "10.2.0.10"
 
 
@@ -86,16 +91,27 @@ class Net:
             self.link("gw", "mob", "10.2.0.1/24", f"{MOBILE}/24", 2)
             self.ex("mob", "ip", "route", "add", "default", "via", "10.2.0.1")
             _, inet_if = self.link("gw", "inet", "192.0.2.1/24", "192.0.2.2/24", 3)
-            for addr in (BLOCKED, DOH, WEB):
+            for addr in (BLOCKED, DOH, WEB, OTHER, SANCTIONED, OUTSIDE_DNS):
                 self.ex("inet", "ip", "addr", "add", f"{addr}/32", "dev", inet_if)
             self.ex("inet", "ip", "route", "add", "10.0.0.0/8", "via", "192.0.2.1")
             for net in ("198.51.100.0/24", "203.0.113.0/24"):
                 self.ex("gw", "ip", "route", "add", net, "via", "192.0.2.2")
             self.ex("gw", "sysctl", "-qw", "net.ipv4.ip_forward=1")
             server = subprocess.Popen(["ip", "netns", "exec", self.ns["inet"], sys.executable, "-c", SERVER,
-                                       "80", "443", "853"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                       f"{BLOCKED},{DOH},{WEB},{OTHER}", "80", "443", "853"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             self.procs.append(server)
             assert server.stdout.readline().strip() == "ready"
+            for port, addrs in ((53, f"{SANCTIONED},{OUTSIDE_DNS}"), (853, OUTSIDE_DNS)):
+                self.procs.append(subprocess.Popen(
+                    ["ip", "netns", "exec", self.ns["inet"], "dnsmasq", "--keep-in-foreground", "--no-resolv",
+                     "--no-hosts", f"--port={port}", f"--listen-address={addrs}", "--bind-interfaces",
+                     "--pid-file=", "--user=root", f"--host-record={PROBE[0]},{PROBE[1]}"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                for _ in range(50):             # bounded: until dnsmasq answers in its namespace
+                    if self.dig("inet", None, addrs.split(",")[-1], port=port, tries=1) == PROBE[1]:
+                        break
+                else:
+                    raise RuntimeError(f"dnsmasq on port {port} did not start")
         except BaseException:
             self.__exit__()
             raise
@@ -110,6 +126,13 @@ class Net:
 
     def connects(self, ns, src, dst, port) -> bool:
         return self.ex(ns, sys.executable, "-c", CLIENT, src, dst, str(port), check=False).returncode == 0
+
+    def dig(self, ns, src, server, port=53, tcp=False, tries=1) -> str | None:
+        """dig for PROBE from `src` in namespace `ns`: the address answered, or None (no answer)."""
+        argv = ["dig", f"@{server}", "-p", str(port), PROBE[0], "A", "+short", "+time=1", f"+tries={tries}",
+                "+tcp" if tcp else "+notcp"] + (["-b", src] if src else [])
+        out = self.ex(ns, *argv, check=False)
+        return out.stdout.strip() or None if out.returncode == 0 else None
 
     @property
     def nft(self):
@@ -142,8 +165,9 @@ def test_gateway_drops_what_dns_cannot(tmp_path):
     blocklists = write_blocklists(tmp_path / "bl", policy(expires), SERVICES)
     with Net() as net:
         assert net.connects("desk", DESKTOP, BLOCKED, 443), "before the ruleset everything connects"
+        assert net.dig("desk", DESKTOP, OUTSIDE_DNS) == PROBE[1], "before the ruleset any DNS server answers"
         applied = net.ex("gw", sys.executable, "-m", "resolver", "export", "nftables", "--blocklists",
-                         str(blocklists), "--apply", "--once", check=False)
+                         str(blocklists), "--sanctioned", SANCTIONED, "--apply", "--once", check=False)
         assert applied.returncode == 0, applied.stderr
         listing = net.ex("gw", "nft", "list", "table", "inet", "sinkhole").stdout
         assert f"{EXEMPT} . 198.51.100.0/24 timeout" in listing
@@ -166,9 +190,19 @@ def test_gateway_drops_what_dns_cannot(tmp_path):
         assert not net.connects("desk", EXEMPT, BLOCKED, 443)
         assert time.time() >= expires.timestamp() - 1, "the exemption ended before its expiry"
 
+        # DNS: a desktop reaches the sanctioned resolver only, on UDP and TCP; no DNS over QUIC's port
+        for tcp in (False, True):
+            assert net.dig("desk", DESKTOP, SANCTIONED, tcp=tcp) == PROBE[1], tcp
+            assert net.dig("desk", DESKTOP, OUTSIDE_DNS, tcp=tcp) is None, tcp
+            assert net.dig("desk", EXEMPT, OUTSIDE_DNS, tcp=tcp) is None, "a chat exemption is not a DNS one"
+            assert net.dig("mob", MOBILE, OUTSIDE_DNS, tcp=tcp) == PROBE[1], tcp
+        assert net.dig("desk", DESKTOP, OUTSIDE_DNS, port=853) is None
+        assert net.dig("mob", MOBILE, OUTSIDE_DNS, port=853) == PROBE[1]
+
         counters = net.ex("gw", "nft", "list", "chain", "inet", "sinkhole", "forward").stdout
-        rejected = [l for l in counters.splitlines() if '"desktop: chat"' in l and "ip saddr" in l]
-        assert rejected and "packets 0 " not in rejected[0], counters
+        for comment in ('"desktop: chat"', '"desktop: DNS to unsanctioned resolvers"', '"desktop: DNS over TLS/QUIC"'):
+            hits = [l for l in counters.splitlines() if comment in l and "ip saddr" in l]
+            assert hits and "packets 0 " not in hits[0], (comment, counters)
 
 
 def test_enforce_add_drops_the_rest_of_a_flow(tmp_path):
@@ -185,3 +219,59 @@ def test_enforce_add_drops_the_rest_of_a_flow(tmp_path):
         assert net.connects("mob", MOBILE, WEB, 80)
         with pytest.raises(ValueError):
             nftables.enforce_add(DESKTOP, "2001:db8::1", 30, nft=net.nft)
+
+
+def wait_for_set(net, name, predicate, seconds, what):
+    """Poll `nft list set` (bounded in count and time) until `predicate(listing)` holds."""
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds * 20)):
+        listing = net.ex("gw", "nft", "list", "set", "inet", "sinkhole", name, check=False).stdout
+        if predicate(listing):
+            return listing
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; set {name}:\n{listing}")
+
+
+def test_apply_follows_policy_changes_and_keeps_bypass_flows(tmp_path):
+    from resolver.export import nftables
+    starts = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=8)
+    body = policy(starts + timedelta(days=1))
+    body["exemptions"][0]["starts"] = starts.isoformat()       # EX-1 starts while --apply runs
+    blocklists = write_blocklists(tmp_path / "bl", body, SERVICES)
+    with Net() as net:
+        proc = subprocess.Popen(["ip", "netns", "exec", net.ns["gw"], sys.executable, "-m", "resolver", "export",
+                                 "nftables", "--blocklists", str(blocklists), "--apply", "--interval", "0.2"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        net.procs.append(proc)
+        assert "applied table inet sinkhole" in proc.stderr.readline()
+        assert time.time() < starts.timestamp(), "the test machine was too slow to see EX-1 pending"
+        assert EXEMPT not in net.ex("gw", "nft", "list", "set", "inet", "sinkhole", "exempt_v4").stdout
+        assert not net.connects("desk", EXEMPT, BLOCKED, 443)
+        assert net.connects("desk", DESKTOP, WEB, 80) and net.connects("desk", DESKTOP, DOH, 443) is False
+        nftables.enforce_add(DESKTOP, OTHER, 600, nft=net.nft)          # what the sidecar would do
+        assert not net.connects("desk", DESKTOP, OTHER, 80)
+
+        # a commit: chat gets another range, desktops stop blocking encrypted-dns
+        services = {**SERVICES, "chat": {**SERVICES["chat"], "ip_ranges": SERVICES["chat"]["ip_ranges"]
+                                         + [{"cidr": f"{WEB}/32", "source": "t"}]}}
+        body["groups"]["desktop"]["block"] = ["chat"]
+        write_blocklists(tmp_path / "bl", body, services)
+        wait_for_set(net, "svc_chat_v4", lambda text: WEB in text, 20, "the new range in the kernel")
+        assert not net.connects("desk", DESKTOP, WEB, 80), "the new range is rejected"
+        assert net.connects("mob", MOBILE, WEB, 80)
+        table = net.ex("gw", "nft", "list", "table", "inet", "sinkhole").stdout
+        assert "svc_encrypted_dns_v4" not in table, "the set of a service no longer blocked is deleted"
+        assert net.connects("desk", DESKTOP, DOH, 443)
+        bypass = net.ex("gw", "nft", "list", "set", "inet", "sinkhole", "bypass_v4").stdout
+        assert f"{DESKTOP} . {OTHER}" in bypass, "the re-apply kept the sidecar's element"
+        assert not net.connects("desk", DESKTOP, OTHER, 80) and net.connects("desk", EXEMPT, OTHER, 80)
+
+        # EX-1 starts: no commit, the regeneration time alone re-applies
+        wait_for_set(net, "exempt_v4", lambda text: EXEMPT in text, starts.timestamp() - time.time() + 15,
+                     "EX-1 to come into force")
+        assert time.time() >= starts.timestamp() - 1, "the exemption began before it starts"
+        assert net.connects("desk", EXEMPT, BLOCKED, 443) and not net.connects("desk", DESKTOP, BLOCKED, 443)
+        assert f"{DESKTOP} . {OTHER}" in net.ex("gw", "nft", "list", "set", "inet", "sinkhole", "bypass_v4").stdout
+        assert proc.poll() is None, proc.stderr.read()

@@ -28,7 +28,8 @@ def ex(id_, client, starts=None, expires=NOW + timedelta(hours=2)):
 
 def test_only_blocking_groups_get_rules(tmp_path):
     text = nftables.ruleset(policy_with(tmp_path), NOW.timestamp(), ("127.0.0.53",))
-    assert "table inet sinkhole {" in text and text.count("delete table inet sinkhole") == 1
+    assert "table inet sinkhole {" in text and "delete table" not in text
+    assert "flush chain inet sinkhole forward" in text and "delete set inet sinkhole bypass" not in text
     assert "clients_desktop_v4" in text and "clients_mobile" not in text
     assert "198.51.100.0/24" in text
     assert 'th dport 853 counter drop' in text
@@ -72,6 +73,14 @@ def test_exemption_classes_split_by_group(tmp_path):
     assert "desktop-wide" in classes and "mobile-wide" in classes
     assert "127.0.1.0/24" in classes["desktop-wide"].networks
     assert "127.0.1.0/24" not in classes["desktop"].networks
+
+
+def test_stale_sets_are_deleted_and_bypass_sets_never(tmp_path):
+    text = nftables.ruleset(policy_with(tmp_path), NOW.timestamp(), (),
+                            ("bypass_v4", "svc_chat_v4", "svc_gone_v4", "clients_old_v6"))
+    deleted = [l.split()[-1] for l in text.splitlines() if l.startswith("delete set")]
+    assert "svc_gone_v4" in deleted and "clients_old_v6" in deleted
+    assert deleted.count("svc_chat_v4") == 1 and not [d for d in deleted if d.startswith("bypass")]
 
 
 def test_enforce_add_rejects_bad_input():

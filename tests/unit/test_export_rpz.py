@@ -68,3 +68,9 @@ def test_unbound_config_tags_and_module(tmp_path):
     assert 'tags: "desktop"' in conf and "mobile.rpz" not in files
     compile(files[unbound.MODULE], unbound.MODULE, "exec")
     assert "regenerate-at: 2026-11-02T12:00:00+00:00" in conf
+
+
+def test_unbound_config_states_what_it_does_not_do(tmp_path):
+    conf = unbound.export(load(tmp_path), NOW.timestamp(), "/etc/unbound/sinkhole")[unbound.CONF]
+    assert "KNOWN DIFFERENCE (CNAME cloaking)" in conf and "RFC 8482" in conf
+    assert conf.index("KNOWN DIFFERENCE") < conf.index("server:")
