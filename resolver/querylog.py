@@ -1,7 +1,8 @@
 """The audit query log: one JSON line per query, written by a thread of its own.
 
-The resolver only puts a tuple on a bounded queue; if the queue is full (a slow, stalled or full
-disk) the line is dropped and counted, and the answer goes out regardless. The writer thread writes
+The resolver only appends a tuple to a bounded buffer (a deque: no lock, no wake-up per query);
+the writer thread takes what is there every FLUSH_INTERVAL seconds. If the buffer is full (a slow,
+stalled or full disk) the line is dropped and counted, and the answer goes out regardless. The writer thread writes
 batches with os.write, so a failed write drops exactly the lines it held, and those are counted too.
 
 Fields: time (UTC, ms), client (the address policy used: the ECS address behind a trusted
@@ -16,14 +17,17 @@ import datetime
 import json
 import logging
 import os
-import queue
+import re
 import threading
+from collections import deque
 
 from .wire import QTYPE_NAMES, RCODE_NAMES
 
 FIELDS = ("time", "client", "group", "qname", "qtype", "decision", "service", "rule", "exemption",
           "rcode", "duration_ms")
 BATCH = 512
+FLUSH_INTERVAL = 0.05            # seconds: how stale the file may be behind the answers
+_PLAIN = re.compile(r"[A-Za-z0-9._:/*@+=-]*\Z").match     # needs no JSON escaping
 
 log = logging.getLogger("sinkhole")
 
@@ -37,14 +41,19 @@ class QueryLog:
         self.errors = 0             # failed opens, writes and rotations
         self._full = 0              # lines lost because the queue was full (event loop thread)
         self._failed = 0            # lines lost because a write failed (writer thread)
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._limit = max(1, queue_size)
+        self._buf: deque = deque()
+        self._enqueued = 0          # lines appended (event loop thread only)
+        self._taken = 0             # lines taken by the writer, written or lost (writer only)
         self._thread = None
         self._fd: int | None = None
         self._size = 0
         self._failing = False
         self._inflight = 0          # lines the writer thread holds right now
-        self._idle = threading.Event()
-        self._idle.set()
+        self._wake = threading.Event()
+        self._progress = threading.Condition()
+        self._second = -1
+        self._stamp = ""
 
     @property
     def dropped(self) -> int:
@@ -59,58 +68,65 @@ class QueryLog:
     def log(self, when: float, outcome, duration: float) -> None:
         if not self.enabled:
             return
-        try:
-            self._idle.clear()
-            self._queue.put_nowait((when, outcome, duration))
-        except queue.Full:
+        buf = self._buf
+        if len(buf) >= self._limit:
             self._full += 1
+            return
+        buf.append((when, outcome, duration))
+        self._enqueued += 1
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every queued line is written or dropped (tests, shutdown). False if the writer
-        is stuck (e.g. a FIFO nobody reads)."""
+        """Wait until every line logged so far is written or dropped (tests, shutdown). False if
+        the writer is stuck (e.g. a FIFO nobody reads)."""
         if self._thread is None:
             return True
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            return False
-        return self._idle.wait(timeout)
+        target = self._enqueued
+        self._wake.set()
+        with self._progress:
+            return self._progress.wait_for(lambda: self._taken >= target, timeout)
 
     def close(self, timeout: float = 3.0) -> None:
-        if not self.flush(timeout):
+        idle = self.flush(timeout)
+        if not idle:
             # the writer is stuck (a FIFO nobody reads, a hung disk): what it holds is lost
-            self._full += self._queue.qsize() + self._inflight
+            self._full += len(self._buf) + self._inflight
         if self.enabled:
             log.info("query log: %d lines written, %d dropped", self.written, self.dropped)
-        if self._idle.is_set():
+        if idle:
             self._close_fd()
 
     # -- writer thread -------------------------------------------------------------------------
-    @staticmethod
-    def format(when: float, o, duration: float) -> str:
-        return json.dumps({
-            "time": datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            "client": o.client, "group": o.group, "qname": o.qname,
-            "qtype": QTYPE_NAMES.get(o.qtype, str(o.qtype)), "decision": o.action,
-            "service": o.service, "rule": o.rule, "exemption": o.exemption,
-            "rcode": RCODE_NAMES.get(o.rcode, str(o.rcode)), "duration_ms": round(duration * 1000, 3),
-        }, separators=(",", ":"))
+    def format(self, when: float, o, duration: float) -> str:
+        """One JSON object. Hand-built: json.dumps per line would cost the resolver more CPU
+        (the writer shares the interpreter) than answering the query did."""
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._stamp = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%S")
+        millis = int((when - second) * 1000)
+        return (f'{{"time":"{self._stamp}.{millis:03d}+00:00","client":{_s(o.client)},'
+                f'"group":{_s(o.group)},"qname":{_s(o.qname)},'
+                f'"qtype":{_s(QTYPE_NAMES.get(o.qtype) or str(o.qtype))},"decision":{_s(o.action)},'
+                f'"service":{_s(o.service)},"rule":{_s(o.rule)},"exemption":{_s(o.exemption)},'
+                f'"rcode":{_s(RCODE_NAMES.get(o.rcode) or str(o.rcode))},'
+                f'"duration_ms":{round(duration * 1000, 3)!r}}}')
 
     def _run(self) -> None:
+        buf = self._buf
         while True:
-            items = [self._queue.get()]
-            while len(items) < BATCH:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            lines = [(self.format(*item) + "\n").encode() for item in items if item is not None]
-            if lines:
-                self._inflight = len(lines)
-                self._write_lines(lines)
+            self._wake.wait(FLUSH_INTERVAL)
+            self._wake.clear()
+            while buf:
+                items = []
+                while buf and len(items) < BATCH:
+                    items.append(buf.popleft())
+                self._inflight = len(items)
+                self._write_lines([(self.format(*item) + "\n").encode() for item in items])
                 self._inflight = 0
-            if self._queue.empty():
-                self._idle.set()
+                self._taken += len(items)
+            with self._progress:
+                self._progress.notify_all()
 
     def _write_lines(self, lines: list[bytes]) -> None:
         """Write a batch, rotating by size between lines; count the lines that did not make it."""
@@ -205,3 +221,12 @@ def _lines_after(chunk: list[bytes], done: int) -> int:
         if total > done:
             return len(chunk) - i
     return 0
+
+
+def _s(value) -> str:
+    """A JSON string (or null) for a log field."""
+    if value is None:
+        return "null"
+    if _PLAIN(value):
+        return f'"{value}"'
+    return json.dumps(value)
