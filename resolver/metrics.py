@@ -1,8 +1,8 @@
 """The resolver's Prometheus metrics: the observer the server calls (observe.py), and the gauges read
 from the server at scrape time. Served on `metrics: {listen: host:port}` with /healthz.
 
-Per query the cost is a few dict lookups and counter increments: every labelled child is resolved
-ahead of time into a dict keyed by its label tuple, so the hot path formats no strings. What the
+Per query the cost is a few plain dict increments keyed by label tuples (no prometheus-client
+child, no lock): the counts become metric families only when Prometheus scrapes. What the
 server already counts (cache size and hits, policy entries, exemptions, query-log drops) is read
 when Prometheus scrapes, not pushed per query. Labels come only from small known sets (see
 exposition.LABELS); client addresses and query names never do: they belong to the query log.
@@ -12,10 +12,13 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from bisect import bisect_left
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info,
                                PlatformCollector, ProcessCollector)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                   InfoMetricFamily)
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .exposition import LABELS, serve_metrics
@@ -51,14 +54,8 @@ class PrometheusObserver:
         self.clock = clock
         self.server = None
         self.policy = None
-        self.queries = Counter("sinkhole_dns_queries", "DNS queries received, by client group and query type.",
-                               ["group", "qtype"], registry=registry)
-        self.responses = Counter("sinkhole_dns_responses", "DNS answers sent, by client group, what the resolver "
-                                 "did (action) and response code.", ["group", "action", "rcode"], registry=registry)
-        self.blocked = Counter("sinkhole_dns_blocked", "Queries answered by a block, by client group and service.",
-                               ["group", "service"], registry=registry)
-        self.duration = Histogram("sinkhole_dns_request_duration_seconds", "Time from receiving a query to "
-                                  "answering it, by action.", ["action"], buckets=QUERY_BUCKETS, registry=registry)
+        self.hot = _HotCounts()             # queries, responses, blocked, request duration
+        registry.register(self.hot)
         self.drops = Counter("sinkhole_dns_dropped", "Packets dropped without an answer, by reason.", ["reason"],
                              registry=registry)
         self.upstream_requests = Counter("sinkhole_upstream_requests", "Queries sent to each upstream.",
@@ -78,11 +75,6 @@ class PrometheusObserver:
                              "0 if the files on disk were rejected.", registry=registry)
         Info("sinkhole_build", "The resolver's version.", registry=registry).info(
             {"version": __version__, "python_version": platform.python_version()})
-        # the children the hot path uses, keyed by their label tuples
-        self._queries: dict[tuple[str, str], object] = {}
-        self._responses: dict[tuple[str, str, str], object] = {}
-        self._blocked: dict[tuple[str, str], object] = {}
-        self._duration = {a: self.duration.labels(a) for a in ACTIONS}
         self._drops = {r: self.drops.labels(r) for r in DROP_REASONS}
         self._upstreams: dict[str, tuple] = {}
         self._add_group(NO_GROUP, ())
@@ -92,13 +84,14 @@ class PrometheusObserver:
 
     # -- pre-initialised children --------------------------------------------------------------
     def _add_group(self, group: str, services) -> None:
+        hot = self.hot
         for qtype in LABELS["qtype"]:
-            self._child(self._queries, self.queries, (group, qtype))
+            hot.queries.setdefault((group, qtype), 0)
         for action in ACTIONS:
             for rcode in LABELS["rcode"]:
-                self._child(self._responses, self.responses, (group, action, rcode))
+                hot.responses.setdefault((group, action, rcode), 0)
         for service in services:
-            self._child(self._blocked, self.blocked, (group, service))
+            hot.blocked.setdefault((group, service), 0)
 
     def _add_policy(self, policy) -> None:
         for group in policy.groups.values():
@@ -119,22 +112,25 @@ class PrometheusObserver:
 
     # -- the observer interface ------------------------------------------------------------------
     def query(self, outcome, duration: float) -> None:
+        # plain dict increments: no lock and no object per query (the scrape builds the families)
+        hot = self.hot
         group = outcome.group or NO_GROUP
         key = (group, QTYPES.get(outcome.qtype, "other"))
-        child = self._queries.get(key)
-        (child if child is not None else self._child(self._queries, self.queries, key)).inc()
+        counts = hot.queries
+        counts[key] = counts.get(key, 0) + 1
         action = outcome.action
         if action == "dropped":
             return                      # no answer: counted by dropped()
         key = (group, action, RCODES.get(outcome.rcode, "other"))
-        child = self._responses.get(key)
-        (child if child is not None else self._child(self._responses, self.responses, key)).inc()
+        counts = hot.responses
+        counts[key] = counts.get(key, 0) + 1
         if action == "blocked":
             key = (group, outcome.service)
-            child = self._blocked.get(key)
-            (child if child is not None else self._child(self._blocked, self.blocked, key)).inc()
-        child = self._duration.get(action)
-        (child if child is not None else self._child(self._duration, self.duration, (action,))).observe(duration)
+            counts = hot.blocked
+            counts[key] = counts.get(key, 0) + 1
+        buckets = hot.duration.get(action) or hot.new_action(action)
+        buckets[bisect_left(QUERY_BUCKETS, duration)] += 1
+        buckets[-1] += duration
 
     def upstream(self, upstream: str, seconds: float, ok: bool) -> None:
         children = self._upstreams.get(upstream) or self._add_upstream(upstream)
@@ -179,6 +175,53 @@ class PrometheusObserver:
         if self.endpoint is not None:
             self.endpoint.close()
             self.endpoint = None
+
+
+class _HotCounts:
+    """The per-query counters as plain ints, turned into metric families only when scraped.
+    Written by the event loop thread; the scrape thread copies each dict in one C call."""
+
+    def __init__(self):
+        self.queries: dict[tuple[str, str], int] = {}
+        self.responses: dict[tuple[str, str, str], int] = {}
+        self.blocked: dict[tuple[str, str], int] = {}
+        self.duration: dict[str, list] = {}     # action -> [count per bucket ..., +Inf, sum]
+        for action in ACTIONS:
+            self.new_action(action)
+
+    def new_action(self, action: str) -> list:
+        buckets = self.duration[action] = [0] * (len(QUERY_BUCKETS) + 1) + [0.0]
+        return buckets
+
+    def describe(self):
+        return list(self._families(False))
+
+    def collect(self):
+        return self._families(True)
+
+    def _families(self, samples: bool):
+        specs = (("sinkhole_dns_queries", "DNS queries received, by client group and query type.",
+                  ["group", "qtype"], self.queries),
+                 ("sinkhole_dns_responses", "DNS answers sent, by client group, what the resolver did "
+                  "(action) and response code.", ["group", "action", "rcode"], self.responses),
+                 ("sinkhole_dns_blocked", "Queries answered by a block, by client group and service.",
+                  ["group", "service"], self.blocked))
+        for name, doc, labels, counts in specs:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for key, value in (sorted(dict(counts).items()) if samples else ()):
+                family.add_metric(list(key), value)
+            yield family
+        family = HistogramMetricFamily("sinkhole_dns_request_duration_seconds", "Time from receiving a "
+                                       "query to answering it, by action.", labels=["action"])
+        bounds = [floatToGoString(b) for b in QUERY_BUCKETS] + ["+Inf"]
+        for action, buckets in (sorted(dict(self.duration).items()) if samples else ()):
+            buckets = list(buckets)
+            total, cumulative = 0, []
+            for bound, count in zip(bounds, buckets[:-1]):
+                total += count
+                cumulative.append((bound, total))
+            family.add_metric([action], cumulative, buckets[-1])
+        yield family
 
 
 class _ServerGauges:

@@ -146,6 +146,7 @@ class Policy:
     subnets: dict[int, tuple[tuple[int, dict[int, str]], ...]]
     allowed: dict[int, tuple[tuple[int, frozenset[int]], ...]]
     _clients: dict = field(default_factory=dict, repr=False)
+    _decisions: dict = field(default_factory=dict, repr=False)
 
     # -- clients -------------------------------------------------------------------------------
     def classify(self, client) -> tuple[Group | None, tuple[int, int]]:
@@ -247,12 +248,23 @@ def decide(policy: Policy, client, qname: str, now: float) -> Decision:
     if group is None:
         return REFUSE
     rule = policy.match(group, qname)
+    decisions = policy._decisions
     if rule is None:
-        return Decision("forward", group.name)
+        decision = decisions.get(group.name)
+        if decision is None:
+            decision = decisions[group.name] = Decision("forward", group.name)
+        return decision
     exemption = policy.exemption_for(key, rule.service, now) if policy.exemptions else None
     if exemption is not None:
         # short, and never past the expiry: revocation reaches clients within the TTL
         cap = max(0, min(policy.settings.exemption_ttl, int(exemption.expires - now)))
         return Decision("forward", group.name, rule.service, rule, ttl=cap, exemption=exemption)
-    return Decision("block", group.name, rule.service, rule,
-                    response=rule.response or group.response, ttl=group.block_ttl)
+    # a block depends only on (group, rule): build each Decision once per snapshot
+    decision = decisions.get((group.name, id(rule)))      # rules live as long as the policy
+    if decision is None:
+        if len(decisions) > 65536:
+            decisions.clear()
+        decision = decisions[(group.name, id(rule))] = Decision(
+            "block", group.name, rule.service, rule, response=rule.response or group.response,
+            ttl=group.block_ttl)
+    return decision

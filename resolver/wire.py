@@ -5,6 +5,7 @@ are assembled from bytes. Every reader here bounds its loops and raises `WireErr
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -136,7 +137,11 @@ def parse_query(data: bytes) -> Query:
     end = offset + 4
     question = data[12:end]
     key = question_key(question)
-    qname = ".".join(_label_text(l) for l in labels)
+    raw = b".".join(labels)
+    if raw.count(b".") == len(labels) - 1 and b"\\" not in raw:
+        qname = raw.decode("latin-1").lower()       # the common case: no dot or backslash in a label
+    else:
+        qname = ".".join(_label_text(l) for l in labels)
     if ancount or nscount:
         raise WireError("a query with answer or authority records")
     edns = None
@@ -231,6 +236,7 @@ def formerr_for(data: bytes) -> bytes | None:
     return _H.pack(qid, QR | RA | (flags & (RD | 0x7800)) | FORMERR, 0, 0, 0, 0)
 
 
+@functools.lru_cache(maxsize=64)
 def soa_record(ttl: int) -> bytes:
     rdata = (b"\x08sinkhole\x07invalid\x00" + b"\x0ahostmaster\x08sinkhole\x07invalid\x00"
              + struct.pack("!IIIII", 1, 3600, 600, 86400, ttl))
