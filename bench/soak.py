@@ -10,6 +10,9 @@ Needs dnsmasq (the upstreams). Every loop is bounded by the deadline.
 from __future__ import annotations
 
 import argparse
+import re
+import json
+import collections
 import random
 import signal
 import socket
@@ -32,7 +35,7 @@ import yaml  # noqa: E402
 from helpers import Dnsmasq, Sinkhole, TEST_POLICY, TEST_SERVICES, write_blocklists  # noqa: E402
 
 UPSTREAM_RECORDS = ["--address=/example.test/192.0.2.10", "--address=/example.test/2001:db8::10", "--address=/chat.test/192.0.2.20",
-                    "--address=/files.test/192.0.2.30"]
+                    "--address=/files.test/192.0.2.30", "--address=/doh.test/192.0.2.40"]   # doh.test: mobiles resolve it
 
 
 def rss_kb(pid: int) -> int:
@@ -218,6 +221,7 @@ def main() -> int:
                 print("\n".join(server.lines[max(0, at - 2):at + 30]))
             loaded = server.count("loaded (was")
             rejected = server.count("reload rejected")
+            servfail = servfail_causes(tmp)
     warm = [kb for t, kb in samples if t >= min(60.0, args.minutes * 60 * 0.2)] or [kb for _, kb in samples]
     growth_mb = (warm[-1] - warm[0]) / 1024 if warm else 0.0
     elapsed = time.monotonic() - started
@@ -230,6 +234,9 @@ def main() -> int:
           f"end {warm[-1] / 1024:.1f} MB, max {max(kb for _, kb in samples) / 1024:.1f} MB; "
           f"growth after warm-up {growth_mb:+.1f} MB (limit {args.max_growth_mb} MB)")
     print(f"  crashed: {crashed}; tracebacks in log: {tracebacks}; exit on SIGTERM: {exit_code}")
+    if servfail:
+        print("  SERVFAIL answers by (group, name, qtype, decision), from the query log: "
+              + ", ".join(f"{k}: {v}" for k, v in servfail.most_common(6)))
     failures = []
     if crashed or not alive:
         failures.append("the server died")
@@ -245,6 +252,22 @@ def main() -> int:
         failures.append("the soak did not exercise answers, reloads and rejected reloads")
     print("soak " + ("FAILED: " + "; ".join(failures) if failures else "ok"))
     return 1 if failures else 0
+
+
+def servfail_causes(tmp: Path) -> collections.Counter:
+    """What the SERVFAIL answers were for, read from the server's own query log."""
+    causes = collections.Counter()
+    for path in tmp.glob("queries.jsonl*"):
+        with path.open(errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if row.get("rcode") == "SERVFAIL":
+                    name = re.sub(r"^u\d+-\d+\.", "u*.", row.get("qname") or "")
+                    causes[(row.get("group"), name, row.get("qtype"), row.get("decision"))] += 1
+    return causes
 
 
 if __name__ == "__main__":
