@@ -80,25 +80,21 @@ def locate(frame: bytes, linktype: int = LINKTYPE_ETHERNET) -> tuple[int, int, i
             ethertype, offset = {4: 0x0800, 6: 0x86DD}.get(first, 0), 0
         else:
             return None
-        if ethertype == 0x0800:
-            return _ipv4(frame, offset)
+        if ethertype == 0x0800:                     # IPv4, inline: most packets
+            o = offset
+            size = len(frame)
+            if size < o + 20 or frame[o] >> 4 != 4:
+                return None
+            ihl = (frame[o] & 0x0F) * 4
+            total = frame[o + 2] << 8 | frame[o + 3]
+            if ihl < 20 or total < ihl or frame[o + 6] & 0x1F or frame[o + 7]:
+                return None                         # (a later fragment has no transport header)
+            return _transport(frame, o, o + ihl, o + total if o + total < size else size, frame[o + 9], 4)
         if ethertype == 0x86DD:
             return _ipv6(frame, offset)
         return None
     except IndexError:
         return None
-
-
-def _ipv4(frame: bytes, o: int):
-    if len(frame) < o + 20 or frame[o] >> 4 != 4:
-        return None
-    ihl = (frame[o] & 0x0F) * 4
-    total = frame[o + 2] << 8 | frame[o + 3]
-    if ihl < 20 or total < ihl:
-        return None
-    if frame[o + 6] & 0x1F or frame[o + 7]:
-        return None                               # a later fragment: no transport header
-    return _transport(frame, o, o + ihl, min(len(frame), o + total), frame[o + 9], 4)
 
 
 def _ipv6(frame: bytes, o: int):

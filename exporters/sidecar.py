@@ -122,7 +122,10 @@ class Engine:
             return False                              # a connection attempt
         if data >= end:
             return True                               # no payload: ACK, FIN, RST
-        state = self.tcp.get(flow_key(frame, at))
+        key = flow_key(frame, at)
+        state = dict.get(self.tcp, key)               # LRU.get, inline
+        if state is not None:
+            self.tcp.move_to_end(key)
         if state is DONE:
             return True
         if state is None:
@@ -266,10 +269,21 @@ class Reloader:
 
 
 def run_pcap(engine: Engine, path: str) -> int:
-    from .capture import read_pcap
-    for when, linktype, frame in read_pcap(path):
-        engine.feed(when, linktype, frame)
+    from .capture import CaptureError, read_pcap
+    feed = engine.feed
+    start, cpu, first = time.perf_counter(), time.process_time(), engine.packets
+    try:
+        for when, linktype, frame in read_pcap(path):
+            feed(when, linktype, frame)
+    except (OSError, CaptureError) as e:
+        print(engine.summary(), file=sys.stderr)
+        print(f"sinkhole sidecar: {e}", file=sys.stderr)
+        return 1
+    took, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(engine.summary(), file=sys.stderr)
+    n = engine.packets - first
+    print(f"read in {took:.2f} s ({cpu:.2f} s CPU): {n / max(took, 1e-9):,.0f} packets/s "
+          f"({n / max(cpu, 1e-9):,.0f} per CPU second)", file=sys.stderr)
     return 0
 
 
