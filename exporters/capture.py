@@ -56,6 +56,7 @@ class CaptureError(ValueError):
 
 _CHUNK = 4 << 20
 _MAX_RECORD = 1 << 18            # snap lengths go up to 262144
+_MAX_BLOCK = 1 << 24             # any pcapng block; a damaged length must not read the file into memory
 
 
 def read_pcap(path: str) -> Iterator[tuple[float, int, bytes]]:
@@ -110,7 +111,15 @@ def _pcapng(path: str, f, first: bytes) -> Iterator[tuple[float, int, bytes]]:
     interfaces: list[tuple[int, float, float]] = []      # (linktype, units per second, offset)
     last = 0.0
     while True:
-        if pos + 12 > len(data) or pos + struct.unpack_from(endian + "I", data, pos + 4)[0] > len(data):
+        if pos + 12 <= len(data) and data[pos:pos + 4] == b"\x0a\x0d\x0d\x0a":   # a section: byte order
+            endian = {b"\x4d\x3c\x2b\x1a": "<", b"\x1a\x2b\x3c\x4d": ">"}.get(data[pos + 8:pos + 12])
+            if endian is None:
+                raise CaptureError(f"{path}: bad pcapng byte-order mark at byte {base + pos + 8}")
+            interfaces = []
+        blen = struct.unpack_from(endian + "I", data, pos + 4)[0] if pos + 8 <= len(data) else 12
+        if blen < 12 or blen % 4 or blen > _MAX_BLOCK:
+            raise CaptureError(f"{path}: bad pcapng block length {blen} at byte {base + pos}")
+        if pos + blen > len(data):
             more = f.read(_CHUNK)
             if not more:
                 if pos < len(data):
@@ -118,15 +127,7 @@ def _pcapng(path: str, f, first: bytes) -> Iterator[tuple[float, int, bytes]]:
                 return
             data, base, pos = data[pos:] + more, base + pos, 0
             continue
-        if data[pos:pos + 4] == b"\x0a\x0d\x0d\x0a":                  # section header: byte order
-            bom = data[pos + 8:pos + 12]
-            endian = {b"\x4d\x3c\x2b\x1a": "<", b"\x1a\x2b\x3c\x4d": ">"}.get(bom)
-            if endian is None:
-                raise CaptureError(f"{path}: bad pcapng byte-order mark at byte {base + pos + 8}")
-            interfaces = []
-        btype, blen = struct.unpack_from(endian + "II", data, pos)
-        if blen < 12 or blen % 4 or blen > _MAX_RECORD + 64:
-            raise CaptureError(f"{path}: bad pcapng block length {blen} at byte {base + pos}")
+        btype = struct.unpack_from(endian + "I", data, pos)[0]
         if btype == 6 or btype == 2:                                   # enhanced / obsolete packet
             if btype == 6:
                 iface, high, low, caplen = struct.unpack_from(endian + "IIII", data, pos + 8)
