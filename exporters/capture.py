@@ -181,9 +181,11 @@ class LiveCapture:
         except Exception:
             self.close()
             raise
+        for s in self.sockets:
+            s.ins.setblocking(False)            # read until the queue is empty: no select per frame
         self.linktypes = {s.ins.fileno(): 1 for s in self.sockets}
 
-    def frames(self, timeout: float, batch: int = 256) -> list[tuple[float, int, bytes]]:
+    def frames(self, timeout: float, batch: int = 4096) -> list[tuple[float, int, bytes]]:
         """Whatever arrived within `timeout` seconds, up to `batch` frames per socket."""
         ready, _, _ = select.select([s.ins for s in self.sockets], [], [], timeout)
         out = []
@@ -195,11 +197,8 @@ class LiveCapture:
                     _, frame, ts = sock.recv_raw(65535)
                 except (BlockingIOError, InterruptedError):
                     break
-                if frame is None:
-                    break
-                out.append((ts or 0.0, 1, frame))
-                if not select.select([sock.ins], [], [], 0)[0]:
-                    break
+                if frame is not None:
+                    out.append((ts or 0.0, 1, frame))
         return out
 
     def drops(self) -> int:
