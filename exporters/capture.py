@@ -4,11 +4,13 @@ socket buffer, kernel drop counters) and pcap/pcapng reading. Both yield raw fra
 """
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import struct
 from typing import Iterator
 
+log = logging.getLogger("sinkhole.sidecar")
 SOL_PACKET, PACKET_STATISTICS = 263, 6
 RCVBUF = 64 << 20            # asked for; the kernel caps it at net.core.rmem_max (raise that too)
 
@@ -196,6 +198,9 @@ class LiveCapture:
                 try:
                     _, frame, ts = sock.recv_raw(65535)
                 except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:             # ENETDOWN while a link flaps: keep capturing
+                    log.warning("capture on %s: %s", getattr(sock, "iface", "?"), e)
                     break
                 if frame is not None:
                     out.append((ts or 0.0, 1, frame))
