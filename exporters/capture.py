@@ -4,11 +4,13 @@ socket buffer, kernel drop counters) and pcap/pcapng reading. Both yield raw fra
 """
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import struct
 from typing import Iterator
 
+log = logging.getLogger("sinkhole.sidecar")
 SOL_PACKET, PACKET_STATISTICS = 263, 6
 RCVBUF = 64 << 20            # asked for; the kernel caps it at net.core.rmem_max (raise that too)
 
@@ -50,17 +52,121 @@ def check_filter(bpf: str = BPF_FILTER, linktype: int = 1) -> int:
     return compile_filter(bpf, linktype=linktype).bf_len
 
 
+class CaptureError(ValueError):
+    """A capture file that cannot be read (not pcap/pcapng, or a damaged record)."""
+
+
+_CHUNK = 4 << 20
+_MAX_RECORD = 1 << 18            # snap lengths go up to 262144
+_MAX_BLOCK = 1 << 24             # any pcapng block; a damaged length must not read the file into memory
+
+
 def read_pcap(path: str) -> Iterator[tuple[float, int, bytes]]:
-    """(time, linktype, frame) for every packet of a pcap or pcapng file, streamed."""
-    from scapy.utils import RawPcapNgReader, RawPcapReader
-    with RawPcapReader(path) as reader:
-        if isinstance(reader, RawPcapNgReader):
-            for frame, meta in reader:
-                yield ((meta.tshigh << 32) | meta.tslow) / meta.tsresol, meta.linktype, frame
+    """(time, linktype, frame) for every packet of a pcap or pcapng file, streamed in large reads.
+    Raises CaptureError, naming the file and byte offset, on anything it cannot read."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        if magic == b"\x0a\x0d\x0d\x0a":
+            yield from _pcapng(path, f, magic)
+            return
+        for endian in "<>":
+            kind = _PCAP_MAGIC.get(struct.unpack(endian + "I", magic)[0] if len(magic) == 4 else 0)
+            if kind:
+                break
         else:
-            scale = 1e-9 if getattr(reader, "nano", False) else 1e-6
-            for frame, meta in reader:
-                yield meta.sec + meta.usec * scale, reader.linktype, frame
+            raise CaptureError(f"{path}: not a pcap or pcapng file")
+        head = f.read(20)
+        if len(head) < 20:
+            raise CaptureError(f"{path}: truncated pcap header")
+        linktype = struct.unpack(endian + "I", head[16:20])[0] & 0x0FFFFFFF
+        scale = 1e-9 if kind == "ns" else 1e-6
+        record = struct.Struct(endian + "IIII").unpack_from
+        buf, pos, base = b"", 0, 24                  # base: file offset of buf[0]
+        while True:
+            size = len(buf)
+            while pos + 16 <= size:
+                sec, frac, caplen, _ = record(buf, pos)
+                end = pos + 16 + caplen
+                if end > size:
+                    if caplen > _MAX_RECORD:
+                        raise CaptureError(f"{path}: record at byte {base + pos} claims {caplen} bytes")
+                    break
+                yield sec + frac * scale, linktype, buf[pos + 16:end]
+                pos = end
+            more = f.read(_CHUNK)
+            if not more:
+                if pos < size:
+                    raise CaptureError(f"{path}: truncated record at byte {base + pos}")
+                return
+            buf, base, pos = buf[pos:] + more, base + pos, 0
+
+
+_PCAP_MAGIC = {0xA1B2C3D4: "us", 0xA1B23C4D: "ns"}
+
+
+def _pcapng(path: str, f, first: bytes) -> Iterator[tuple[float, int, bytes]]:
+    """pcapng blocks: section headers (byte order), interface descriptions (link type, time
+    resolution and offset), enhanced, simple and obsolete packet blocks; other blocks skipped."""
+    data = first + f.read(_CHUNK)
+    pos, base = 0, 0
+    endian = "<"
+    interfaces: list[tuple[int, float, float]] = []      # (linktype, units per second, offset)
+    last = 0.0
+    while True:
+        if pos + 12 <= len(data) and data[pos:pos + 4] == b"\x0a\x0d\x0d\x0a":   # a section: byte order
+            endian = {b"\x4d\x3c\x2b\x1a": "<", b"\x1a\x2b\x3c\x4d": ">"}.get(data[pos + 8:pos + 12])
+            if endian is None:
+                raise CaptureError(f"{path}: bad pcapng byte-order mark at byte {base + pos + 8}")
+            interfaces = []
+        blen = struct.unpack_from(endian + "I", data, pos + 4)[0] if pos + 8 <= len(data) else 12
+        if blen < 12 or blen % 4 or blen > _MAX_BLOCK:
+            raise CaptureError(f"{path}: bad pcapng block length {blen} at byte {base + pos}")
+        if pos + blen > len(data):
+            more = f.read(_CHUNK)
+            if not more:
+                if pos < len(data):
+                    raise CaptureError(f"{path}: truncated block at byte {base + pos}")
+                return
+            data, base, pos = data[pos:] + more, base + pos, 0
+            continue
+        btype = struct.unpack_from(endian + "I", data, pos)[0]
+        if btype == 6 or btype == 2:                                   # enhanced / obsolete packet
+            if btype == 6:
+                iface, high, low, caplen = struct.unpack_from(endian + "IIII", data, pos + 8)
+                start = pos + 28
+            else:
+                iface, _, high, low, caplen = struct.unpack_from(endian + "HHIII", data, pos + 8)
+                start = pos + 28
+            if iface >= len(interfaces) or start + caplen > pos + blen:
+                raise CaptureError(f"{path}: bad packet block at byte {base + pos}")
+            linktype, units, offset = interfaces[iface]
+            last = ((high << 32) | low) / units + offset
+            yield last, linktype, data[start:start + caplen]
+        elif btype == 3:                                               # simple packet: no time
+            if not interfaces:
+                raise CaptureError(f"{path}: packet before any interface at byte {base + pos}")
+            caplen = min(struct.unpack_from(endian + "I", data, pos + 8)[0], blen - 16)
+            yield last, interfaces[0][0], data[pos + 12:pos + 12 + caplen]
+        elif btype == 1:                                               # interface description
+            interfaces.append(_interface(data[pos + 8:pos + blen - 4], endian))
+        pos += blen
+
+
+def _interface(body: bytes, endian: str) -> tuple[int, float, float]:
+    linktype = struct.unpack_from(endian + "H", body, 0)[0]
+    units, offset = 1e6, 0.0
+    p = 8
+    while p + 4 <= len(body):
+        code, length = struct.unpack_from(endian + "HH", body, p)
+        value = body[p + 4:p + 4 + length]
+        if code == 0:
+            break
+        if code == 9 and length == 1:                                  # if_tsresol
+            units = float(2 ** (value[0] & 0x7F)) if value[0] & 0x80 else float(10 ** value[0])
+        elif code == 14 and length == 8:                               # if_tsoffset, seconds
+            offset = float(struct.unpack(endian + "q", value)[0])
+        p += 4 + length + (-length % 4)
+    return linktype, units, offset
 
 
 class LiveCapture:
@@ -77,9 +183,11 @@ class LiveCapture:
         except Exception:
             self.close()
             raise
+        for s in self.sockets:
+            s.ins.setblocking(False)            # read until the queue is empty: no select per frame
         self.linktypes = {s.ins.fileno(): 1 for s in self.sockets}
 
-    def frames(self, timeout: float, batch: int = 256) -> list[tuple[float, int, bytes]]:
+    def frames(self, timeout: float, batch: int = 4096) -> list[tuple[float, int, bytes]]:
         """Whatever arrived within `timeout` seconds, up to `batch` frames per socket."""
         ready, _, _ = select.select([s.ins for s in self.sockets], [], [], timeout)
         out = []
@@ -91,11 +199,11 @@ class LiveCapture:
                     _, frame, ts = sock.recv_raw(65535)
                 except (BlockingIOError, InterruptedError):
                     break
-                if frame is None:
+                except OSError as e:             # ENETDOWN while a link flaps: keep capturing
+                    log.warning("capture on %s: %s", getattr(sock, "iface", "?"), e)
                     break
-                out.append((ts or 0.0, 1, frame))
-                if not select.select([sock.ins], [], [], 0)[0]:
-                    break
+                if frame is not None:
+                    out.append((ts or 0.0, 1, frame))
         return out
 
     def drops(self) -> int:

@@ -30,6 +30,7 @@ class Packet:
     payload: bytes
     flags: int = 0            # TCP flags
     seq: int = 0              # TCP sequence number
+    flow: bytes = b""         # flow_key(): this direction of the flow, as the engine's tables key it
 
     @property
     def src_ip(self) -> str:
@@ -53,57 +54,54 @@ def ip_text(version: int, addr: int) -> str:
 
 def parse(frame: bytes, linktype: int = LINKTYPE_ETHERNET, when: float = 0.0) -> Packet | None:
     """One captured frame -> Packet, or None when it is not a (first-fragment) TCP/UDP packet."""
+    at = locate(frame, linktype)
+    return None if at is None else packet_at(frame, at, when)
+
+
+def locate(frame: bytes, linktype: int = LINKTYPE_ETHERNET) -> tuple[int, int, int, int, int, int] | None:
+    """Where things are in a frame, without building anything: (IP version, IP header offset,
+    protocol, transport header offset, payload offset, payload end), or None when it is not a
+    readable (first-fragment) TCP/UDP packet. Nothing raises."""
     try:
         if linktype == LINKTYPE_ETHERNET:
-            if len(frame) < 14:
-                return None
-            ethertype = int.from_bytes(frame[12:14], "big")
+            ethertype = frame[12] << 8 | frame[13]
             offset = 14
             for _ in range(2):                      # 802.1Q / QinQ tags
                 if ethertype not in _VLAN:
                     break
-                ethertype = int.from_bytes(frame[offset + 2:offset + 4], "big")
+                ethertype = frame[offset + 2] << 8 | frame[offset + 3]
                 offset += 4
         elif linktype == LINKTYPE_LINUX_SLL:
-            ethertype, offset = int.from_bytes(frame[14:16], "big"), 16
+            ethertype, offset = frame[14] << 8 | frame[15], 16
         elif linktype == LINKTYPE_LINUX_SLL2:
-            ethertype, offset = int.from_bytes(frame[0:2], "big"), 20
+            ethertype, offset = frame[0] << 8 | frame[1], 20
         elif linktype in LINKTYPE_RAW_ALIASES:
             first = frame[0] >> 4 if frame else 0
             ethertype, offset = {4: 0x0800, 6: 0x86DD}.get(first, 0), 0
         else:
             return None
-        if ethertype == 0x0800:
-            return _ipv4(frame, offset, when)
+        if ethertype == 0x0800:                     # IPv4, inline: most packets
+            o = offset
+            size = len(frame)
+            if size < o + 20 or frame[o] >> 4 != 4:
+                return None
+            ihl = (frame[o] & 0x0F) * 4
+            total = frame[o + 2] << 8 | frame[o + 3]
+            if ihl < 20 or total < ihl or frame[o + 6] & 0x1F or frame[o + 7]:
+                return None                         # (a later fragment has no transport header)
+            return _transport(frame, o, o + ihl, o + total if o + total < size else size, frame[o + 9], 4)
         if ethertype == 0x86DD:
-            return _ipv6(frame, offset, when)
+            return _ipv6(frame, offset)
         return None
-    except (IndexError, ValueError):
+    except IndexError:
         return None
 
 
-def _ipv4(frame: bytes, o: int, when: float) -> Packet | None:
-    if len(frame) < o + 20 or frame[o] >> 4 != 4:
-        return None
-    ihl = (frame[o] & 0x0F) * 4
-    total = int.from_bytes(frame[o + 2:o + 4], "big")
-    if ihl < 20 or total < ihl:
-        return None
-    if int.from_bytes(frame[o + 6:o + 8], "big") & 0x1FFF:
-        return None                               # a later fragment: no transport header
-    end = min(len(frame), o + total)
-    return _transport(frame, o + ihl, end, frame[o + 9], 4,
-                      int.from_bytes(frame[o + 12:o + 16], "big"),
-                      int.from_bytes(frame[o + 16:o + 20], "big"), when)
-
-
-def _ipv6(frame: bytes, o: int, when: float) -> Packet | None:
+def _ipv6(frame: bytes, o: int):
     if len(frame) < o + 40 or frame[o] >> 4 != 6:
         return None
-    end = min(len(frame), o + 40 + int.from_bytes(frame[o + 4:o + 6], "big"))
+    end = min(len(frame), o + 40 + (frame[o + 4] << 8 | frame[o + 5]))
     nxt = frame[o + 6]
-    src = int.from_bytes(frame[o + 8:o + 24], "big")
-    dst = int.from_bytes(frame[o + 24:o + 40], "big")
     p = o + 40
     for _ in range(8):                            # bounded walk over extension headers
         if nxt not in _V6_EXTENSIONS:
@@ -112,28 +110,46 @@ def _ipv6(frame: bytes, o: int, when: float) -> Packet | None:
             return None
         nxt, p = frame[p], p + (frame[p + 1] + 1) * 8
     if nxt == 44:                                 # fragment header
-        if p + 8 > end or int.from_bytes(frame[p + 2:p + 4], "big") & 0xFFF8:
+        if p + 8 > end or (frame[p + 2] << 8 | frame[p + 3]) & 0xFFF8:
             return None
         nxt, p = frame[p], p + 8
-    return _transport(frame, p, end, nxt, 6, src, dst, when)
+    return _transport(frame, o, p, end, nxt, 6)
 
 
-def _transport(frame, p, end, proto, version, src, dst, when) -> Packet | None:
+def _transport(frame, o, p, end, proto, version):
     if proto == TCP:
         if p + 20 > end:
             return None
         hlen = (frame[p + 12] >> 4) * 4
         if hlen < 20 or p + hlen > end:
             return None
-        return Packet(when, version, src, dst, TCP, int.from_bytes(frame[p:p + 2], "big"),
-                      int.from_bytes(frame[p + 2:p + 4], "big"), bytes(frame[p + hlen:end]),
-                      frame[p + 13], int.from_bytes(frame[p + 4:p + 8], "big"))
+        return version, o, TCP, p, p + hlen, end
     if proto == UDP:
         if p + 8 > end:
             return None
-        return Packet(when, version, src, dst, UDP, int.from_bytes(frame[p:p + 2], "big"),
-                      int.from_bytes(frame[p + 2:p + 4], "big"), bytes(frame[p + 8:end]))
+        return version, o, UDP, p, p + 8, end
     return None
+
+
+def flow_key(frame: bytes, at: tuple) -> bytes:
+    """A direction's flow as bytes: source and destination address, then ports (12 bytes for
+    IPv4, 36 for IPv6, so the two never collide). The same key for the fast path and `Packet`."""
+    version, o, _, p, _, _ = at
+    return frame[o + 12:o + 20] + frame[p:p + 4] if version == 4 else frame[o + 8:o + 40] + frame[p:p + 4]
+
+
+def packet_at(frame: bytes, at: tuple, when: float) -> Packet:
+    """The Packet of a located frame."""
+    version, o, proto, p, data, end = at
+    if version == 4:
+        src, dst = int.from_bytes(frame[o + 12:o + 16], "big"), int.from_bytes(frame[o + 16:o + 20], "big")
+    else:
+        src, dst = int.from_bytes(frame[o + 8:o + 24], "big"), int.from_bytes(frame[o + 24:o + 40], "big")
+    sport, dport = frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
+    if proto == TCP:
+        return Packet(when, version, src, dst, TCP, sport, dport, bytes(frame[data:end]), frame[p + 13],
+                      int.from_bytes(frame[p + 4:p + 8], "big"), flow_key(frame, at))
+    return Packet(when, version, src, dst, UDP, sport, dport, bytes(frame[data:end]), flow=flow_key(frame, at))
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ once complete. `protect_initial` builds Initials (tests; checked against RFC 900
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes, hmac
@@ -47,7 +48,10 @@ def initial_secret(dcid: bytes, version: int = V1) -> bytes:
     return h.finalize()
 
 
+@functools.lru_cache(maxsize=4096)
 def client_keys(dcid: bytes, version: int = V1) -> Keys:
+    """The client's Initial keys for a DCID; cached, since every Initial of a connection (and a
+    client's retries on new flows) derives the same ones from the same DCID."""
     client = _expand_label(initial_secret(dcid, version), b"client in", 32)
     k, i, h = LABELS[version]
     return Keys(_expand_label(client, k, 16), _expand_label(client, i, 12), _expand_label(client, h, 16))
@@ -149,7 +153,9 @@ def crypto_frames(payload: bytes) -> list[tuple[int, bytes]]:
         if p >= n:
             break
         ftype = payload[p]
-        if ftype in (0x00, 0x01):                 # PADDING, PING
+        if ftype == 0x00:                         # PADDING: a run of zero bytes, skipped at once
+            p = n - len(payload[p:].lstrip(b"\x00"))
+        elif ftype == 0x01:                       # PING
             p += 1
         elif ftype == 0x06:                       # CRYPTO
             offset, p = read_varint(payload, p + 1)

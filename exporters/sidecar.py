@@ -16,7 +16,7 @@ from . import quic
 from .alerts import Alerts
 from .detectors import DETECTORS, Learned, Settings, build_context, detect
 from .lru import LRU
-from .packets import TCP, UDP, Observation, Packet, dns_addresses, dns_question, parse
+from .packets import TCP, UDP, Observation, Packet, dns_addresses, dns_question, flow_key, locate, packet_at
 from .tls import Reassembly, TLSError, hello_from_records, looks_like_tls
 
 log = logging.getLogger("sinkhole.sidecar")
@@ -29,8 +29,10 @@ class Engine:
 
     def __init__(self, policy: Policy, sanctioned: tuple[str, ...], alerts: Alerts, metrics=None,
                  settings: Settings = Settings(), started: float | None = None,
-                 max_flows: int = 4096, max_quic: int = 2048, max_udp: int = 65536, enforce=None):
+                 max_flows: int = 4096, max_quic: int = 2048, max_udp: int = 65536, enforce=None,
+                 triage: bool = True):
         self.settings = settings
+        self.triage = triage                # False: every packet takes the full path (the reference)
         self.enforce = enforce              # callable(alert row) or None (see exporters/enforce.py)
         self.sanctioned = sanctioned
         self.learned = Learned(settings)
@@ -65,12 +67,15 @@ class Engine:
         self.packets += 1
         if self.metrics is not None:
             self.metrics.packets.inc()
-        pkt = parse(frame, linktype, when)
-        if pkt is None:
+        at = locate(frame, linktype)
+        if at is None:
             self.unparsed += 1
             if self.metrics is not None:
                 self.metrics.unparsed.inc()
             return []
+        if self.triage and self._nothing_to_see(frame, at):
+            return []
+        pkt = packet_at(frame, at, when)
         ctx = self.ctx                                 # one snapshot for the whole packet
         rows = []
         for obs in self.observe(pkt, ctx):
@@ -95,6 +100,39 @@ class Engine:
                         self.metrics.alerts.labels(f.detector).inc()
         return rows
 
+    def _nothing_to_see(self, frame: bytes, at: tuple) -> bool:
+        """True when `observe` would do nothing with this packet but refresh its flow's place in a
+        table (done here too, so state and eviction order stay the same): observe's own tests, in
+        its order, read off header bytes before any object is built. Most packets end here: ACKs,
+        mid-flow data of flows already read, server traffic, short-header QUIC, other UDP."""
+        _, _, proto, p, data, end = at
+        if frame[p] << 8 | frame[p + 1] == 53:
+            return False                              # maybe our resolver's answer
+        dport = frame[p + 2] << 8 | frame[p + 3]
+        if proto == UDP:
+            if dport == 443:
+                if data < end and frame[data] & 0x80:
+                    return False                      # a long header: maybe a client Initial
+                key = flow_key(frame, at)
+                if key in self.quic:
+                    self.quic.move_to_end(key)
+                return True
+            return dport not in (53, 853) or flow_key(frame, at) in self.udp
+        if frame[p + 13] & 0x12 == 0x02:
+            return False                              # a connection attempt
+        if data >= end:
+            return True                               # no payload: ACK, FIN, RST
+        key = flow_key(frame, at)
+        state = dict.get(self.tcp, key)               # LRU.get, inline
+        if state is not None:
+            self.tcp.move_to_end(key)
+        if state is DONE:
+            return True
+        if state is None:
+            head = frame[data:min(data + 5, end)]
+            return not (head.startswith(HTTP_METHODS) or looks_like_tls(head))
+        return False
+
     def observe(self, pkt: Packet, ctx) -> list[Observation]:
         """What one packet tells: learn our resolver's answers; turn client packets into
         observations (a new flow, a complete ClientHello, an HTTP request)."""
@@ -103,7 +141,7 @@ class Engine:
             for version, address, ttl in dns_addresses(message):
                 self.learned.answer((pkt.version, pkt.dst), (version, address), ttl, pkt.time)
             return []
-        flow = (pkt.version, pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        flow = pkt.flow
         if pkt.proto == UDP:
             if pkt.dport == 443:
                 return self._quic(pkt, flow)
@@ -231,10 +269,21 @@ class Reloader:
 
 
 def run_pcap(engine: Engine, path: str) -> int:
-    from .capture import read_pcap
-    for when, linktype, frame in read_pcap(path):
-        engine.feed(when, linktype, frame)
+    from .capture import CaptureError, read_pcap
+    feed = engine.feed
+    start, cpu, first = time.perf_counter(), time.process_time(), engine.packets
+    try:
+        for when, linktype, frame in read_pcap(path):
+            feed(when, linktype, frame)
+    except (OSError, CaptureError) as e:
+        print(engine.summary(), file=sys.stderr)
+        print(f"sinkhole sidecar: {e}", file=sys.stderr)
+        return 1
+    took, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(engine.summary(), file=sys.stderr)
+    n = engine.packets - first
+    print(f"read in {took:.2f} s ({cpu:.2f} s CPU): {n / max(took, 1e-9):,.0f} packets/s "
+          f"({n / max(cpu, 1e-9):,.0f} per CPU second)", file=sys.stderr)
     return 0
 
 
