@@ -31,10 +31,10 @@ CNAME_NOTE = (
     "# client class; Unbound's RPZ is not used because it checks CNAME targets without the client's tags.\n")
 CONCURRENT_NOTE = (
     "# KNOWN DIFFERENCE (simultaneous queries): Unbound resolves one query for all clients that ask the\n"
-    "# same name and type while it is in flight; for A, AAAA and ANY only clients with the same tag\n"
-    "# (class) share it, for other types clients of any class do. When those classes decide the name\n"
-    "# (or a CNAME target) differently, every client of that shared query gets SERVFAIL and asks again,\n"
-    "# where the resolver gives each its own group's answer. No group gets another group's answer.\n")
+    "# same name and type while its query for it is still at the upstream, whatever their tags. When\n"
+    "# their classes decide the name or a CNAME target of the answer differently, every one of those\n"
+    "# clients gets SERVFAIL (and asks again), where the resolver gives each its own group's answer.\n"
+    "# No group gets another group's answer. Names the module answers itself are not affected.\n")
 ANY_NOTE = "# ANY queries get the RFC 8482 answer (one HINFO \"RFC8482\"), as from the resolver.\n"
 _TEMPLATE = Path(__file__).with_name("unbound_module.py.txt")
 
@@ -63,11 +63,11 @@ def config(policy: Policy, now: float, directory: str) -> str:
     allowed = netaddr.IPSet(policy.allowed_clients)
     out = [header(policy, now, "Unbound configuration fragment for the sinkhole policy"),
            "# Include it from unbound.conf. It sets module-config; keep `python` before `iterator`\n"
-           "# if you add modules (for example: \"respip validator python iterator\"). `respip` is there\n"
-           "# for the tags: with it, Unbound keeps the A, AAAA and ANY queries of each tag apart.\n",
+           "# if you add modules (for example: \"validator python iterator\"). The tags name the classes\n"
+           "# for your own tag-based rules; the module classifies clients by address, as the resolver.\n",
            CACHE_NOTE, CNAME_NOTE, CONCURRENT_NOTE, ANY_NOTE,
            "server:\n",
-           '    module-config: "respip python iterator"\n',
+           '    module-config: "python iterator"\n',
            f'    define-tag: "{" ".join(c.name for c in classes)}"\n',
            "    access-control: 0.0.0.0/0 refuse\n",
            "    access-control: ::/0 refuse\n"]

@@ -7,15 +7,17 @@ group being served to another. BIND's zones for the same policy pass named-check
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 
+import dns.message
 import dns.rcode
 import pytest
 
-from helpers import Dnsmasq, Sinkhole, ask, free_port, have, wait_for_answer, write_blocklists
+from helpers import Dnsmasq, PyUpstream, Sinkhole, ask, free_port, have, wait_for_answer, write_blocklists
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (have("dnsmasq") and have("unbound")),
@@ -234,6 +236,71 @@ def test_cname_chains_and_their_targets_answer_per_group(pair):
     mobile = {alias for alias, seen in blocked_for.items() if any(c == "127.0.2.5" and rc == "NOERROR" and not empty
                                                                    for c, rc, empty in seen)}
     assert {a for a, t, *_ in CHAINS if "-allowed" not in a} <= desktop and set(blocked_for) <= mobile
+
+
+def test_simultaneous_queries_of_groups_that_decide_differently(tmp_path):
+    """The documented difference (KNOWN DIFFERENCE (simultaneous queries) in the export header):
+    a mobile and a desktop ask an alias whose upstream CNAME reaches a name desktops block, the
+    desktop while the mobile's query is still at the upstream. Unbound resolves it once for both
+    (whatever their tags, for A as for TXT), and both get SERVFAIL where the resolver answers each
+    for its group. Neither gets the other group's answer."""
+    import dnslib
+    from resolver.export import unbound, write_outputs
+    from resolver.loader import load_policy
+    held, release = threading.Event(), threading.Event()
+
+    def answer(request, _transport):
+        qname, qtype = str(request.q.qname), dnslib.QTYPE.get(request.q.qtype)
+        reply = request.reply()
+        if qname.startswith("held"):
+            held.set()
+            release.wait(10)
+            reply.add_answer(dnslib.RR(qname, dnslib.QTYPE.CNAME, rdata=dnslib.CNAME("x.chat.test."), ttl=60))
+        target = "x.chat.test." if qname.startswith("held") else qname
+        if qtype == "A":
+            reply.add_answer(dnslib.RR(target, dnslib.QTYPE.A, rdata=dnslib.A("192.0.2.7"), ttl=60))
+        elif qtype == "TXT":
+            reply.add_answer(dnslib.RR(target, dnslib.QTYPE.TXT, rdata=dnslib.TXT("t"), ttl=60))
+        return reply
+
+    blocklists = write_blocklists(tmp_path / "blocklists", POLICY, SERVICES)
+    policy = load_policy(blocklists, time.time())
+    out = tmp_path / "unbound"
+    write_outputs(unbound.export(policy, time.time(), str(out)), out)
+    mobile, desktop = "127.0.2.5", "127.0.1.5"
+    with PyUpstream(answer) as upstream, \
+         Sinkhole(tmp_path, {"upstreams": [upstream.address], "blocklists": str(blocklists)}) as ours, \
+         Unbound(out, str(out / unbound.CONF), upstream) as theirs:
+        server = ("127.0.0.1", theirs.port)
+        results = {}
+        for n, rdtype in enumerate(["A", "TXT"]):
+            name = f"held{n}.test"
+            held.clear()
+            release.clear()
+            sockets = {}
+            for client in (mobile, desktop):
+                sockets[client] = sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind((client, 0))
+                sock.settimeout(5)
+                sock.sendto(dns.message.make_query(name, rdtype, use_edns=False).to_wire(), server)
+                if client == mobile:
+                    assert held.wait(10), "the upstream never got the first query"
+            # a query Unbound answers at once, sent after the desktop's: when it is answered,
+            # Unbound has read the desktop's query (one thread, one socket, in order)
+            assert outcome(server, "chat.test", "A", desktop)[0] == "NXDOMAIN"
+            release.set()
+            for client, sock in sockets.items():
+                with sock:
+                    reply = dns.message.from_wire(sock.recv(4096))
+                results[(rdtype, client)] = (dns.rcode.to_text(reply.rcode()), tuple(sorted(
+                    f"{dns.rdatatype.to_text(rr.rdtype)} {r}" for rr in reply.answer for r in rr
+                    if dns.rdatatype.to_text(rr.rdtype) == rdtype)))
+                results[(rdtype, client, "sinkhole")] = outcome(ours, name, rdtype, client)
+    for rdtype, data in (("A", "A 192.0.2.7"), ("TXT", 'TXT "t"')):
+        assert results[(rdtype, mobile, "sinkhole")] == ("NOERROR", (data,))
+        assert results[(rdtype, desktop, "sinkhole")] == ("NXDOMAIN", ())
+        assert results[(rdtype, mobile)] == results[(rdtype, desktop)] == ("SERVFAIL", ()), results
+    assert any("decide it differently: SERVFAIL" in line for line in theirs.lines)
 
 
 @pytest.mark.skipif(not have("named-checkzone"), reason="needs named-checkzone (Debian bind9-utils)")
