@@ -1,8 +1,12 @@
 """`sinkhole export unbound`: an Unbound configuration that answers as the resolver does, per
-client subnet. A tag per client class (`define-tag`, `access-control-tag` on its networks), an RPZ
-per tag for the names (the same zones as `export rpz`), and a Python module (Debian's
-python3-unbound) for what zones cannot say: service `patterns` and groups whose response is
-`refused`. The module keeps answers that differ between classes out of the cache.
+client subnet. A tag per client class (`define-tag`, `access-control-tag` on its networks) and a
+Python module (Debian's python3-unbound) that decides every query as the resolver does: the names,
+service `patterns`, refused groups, RFC 8482 ANY, and the CNAME targets of forwarded answers.
+
+No RPZ: Unbound applies RPZ to CNAME targets without looking at the client's tags (the first
+zone with a trigger decides, for every client), so per-group CNAME re-checks need the module.
+Nothing goes into Unbound's cache: the worker answers from its message cache before any module
+runs, so a cached answer (a CNAME chain's target included) would reach every group alike.
 """
 from __future__ import annotations
 
@@ -12,16 +16,25 @@ from pathlib import Path
 import netaddr
 
 from ..policy import Policy
-from . import client_classes, header, iso, rpz
+from . import client_classes, header, iso
 
 MODULE = "sinkhole_unbound.py"
 CONF = "sinkhole-unbound.conf"
+CACHE_NOTE = (
+    "# Unbound's cache is left empty (the module sets no_cache_store on every query): Unbound answers\n"
+    "# from its message cache before any module runs, for every client alike, so an answer cached for\n"
+    "# one group (or a CNAME chain's target, cached on the way) would be served to the others. Let the\n"
+    "# upstream forwarders cache. prefetch and serve-expired have nothing to work on.\n")
 CNAME_NOTE = (
-    "# KNOWN DIFFERENCE (CNAME cloaking): the sinkhole resolver blocks an allowed name whose upstream\n"
-    "# CNAME chain reaches a name the client's group blocks. Unbound applies the RPZ to CNAME targets\n"
-    "# itself, but not per client class: a chain blocked for one class can be answered blocked to\n"
-    "# other classes (from its cache), and targets only a service pattern or a refused group blocks\n"
-    "# are not re-checked. Use the sinkhole resolver where CNAME cloaking matters.\n")
+    "# CNAME cloaking: an allowed name whose upstream CNAME chain reaches a name the client's group\n"
+    "# blocks gets that block's answer, as from the resolver. The module re-checks the targets per\n"
+    "# client class; Unbound's RPZ is not used because it checks CNAME targets without the client's tags.\n")
+CONCURRENT_NOTE = (
+    "# KNOWN DIFFERENCE (simultaneous queries): Unbound resolves one query for all clients that ask the\n"
+    "# same name and type while its query for it is still at the upstream, whatever their tags. When\n"
+    "# their classes decide the name or a CNAME target of the answer differently, every one of those\n"
+    "# clients gets SERVFAIL (and asks again), where the resolver gives each its own group's answer.\n"
+    "# No group gets another group's answer. Names the module answers itself are not affected.\n")
 ANY_NOTE = "# ANY queries get the RFC 8482 answer (one HINFO \"RFC8482\"), as from the resolver.\n"
 _TEMPLATE = Path(__file__).with_name("unbound_module.py.txt")
 
@@ -45,15 +58,16 @@ def module(policy: Policy, now: float) -> str:
 
 
 def config(policy: Policy, now: float, directory: str) -> str:
-    """The configuration fragment (server:, python: and rpz: clauses) for `include:`."""
+    """The configuration fragment (server: and python: clauses) for `include:`."""
     classes = client_classes(policy, now)
     allowed = netaddr.IPSet(policy.allowed_clients)
     out = [header(policy, now, "Unbound configuration fragment for the sinkhole policy"),
            "# Include it from unbound.conf. It sets module-config; keep `python` before `iterator`\n"
-           "# if you add modules (for example: \"respip validator python iterator\").\n",
-           CNAME_NOTE, ANY_NOTE,
+           "# if you add modules (for example: \"validator python iterator\"). The tags name the classes\n"
+           "# for your own tag-based rules; the module classifies clients by address, as the resolver.\n",
+           CACHE_NOTE, CNAME_NOTE, CONCURRENT_NOTE, ANY_NOTE,
            "server:\n",
-           '    module-config: "respip python iterator"\n',
+           '    module-config: "python iterator"\n',
            f'    define-tag: "{" ".join(c.name for c in classes)}"\n',
            "    access-control: 0.0.0.0/0 refuse\n",
            "    access-control: ::/0 refuse\n"]
@@ -74,18 +88,8 @@ def config(policy: Policy, now: float, directory: str) -> str:
                     out.append(f"    access-control: {part} allow\n")
                 out.append(f'    access-control-tag: {part} "{cls.name}"\n')
     out.append(f"\npython:\n    python-script: \"{directory}/{MODULE}\"\n")
-    for cls in classes:
-        if cls.group.response == "refused" or not cls.group.block:
-            continue                      # the module answers REFUSED; nothing to do for the others
-        out.append(f"\nrpz:\n    name: \"{rpz.origin(cls)}\"\n    zonefile: \"{directory}/{cls.name}.rpz\"\n"
-                   f'    tags: "{cls.name}"\n    rpz-log: yes\n    rpz-log-name: "{cls.name}"\n')
     return "".join(out)
 
 
 def export(policy: Policy, now: float, directory: str) -> dict[str, str]:
-    classes = client_classes(policy, now)
-    files = {CONF: config(policy, now, directory), MODULE: module(policy, now)}
-    for cls in classes:
-        if cls.group.block and cls.group.response != "refused":
-            files[f"{cls.name}.rpz"] = rpz.zone(policy, cls, now)
-    return files
+    return {CONF: config(policy, now, directory), MODULE: module(policy, now)}

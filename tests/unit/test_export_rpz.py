@@ -65,12 +65,13 @@ def test_unbound_config_tags_and_module(tmp_path):
     conf = files[unbound.CONF]
     assert 'define-tag: "desktop mobile desktop-ex-1"' in conf
     assert 'access-control-tag: 127.0.1.7/32 "desktop-ex-1"' in conf
-    assert 'tags: "desktop"' in conf and "mobile.rpz" not in files
+    assert "rpz:" not in conf and not any(name.endswith(".rpz") for name in files)   # the module decides
     compile(files[unbound.MODULE], unbound.MODULE, "exec")
     assert "regenerate-at: 2026-11-02T12:00:00+00:00" in conf
 
 
 def test_unbound_config_states_what_it_does_not_do(tmp_path):
     conf = unbound.export(load(tmp_path), NOW.timestamp(), "/etc/unbound/sinkhole")[unbound.CONF]
-    assert "KNOWN DIFFERENCE (CNAME cloaking)" in conf and "RFC 8482" in conf
+    assert "no_cache_store" in conf and "CNAME cloaking" in conf and "RFC 8482" in conf
+    assert "KNOWN DIFFERENCE (simultaneous queries)" in conf
     assert conf.index("KNOWN DIFFERENCE") < conf.index("server:")
