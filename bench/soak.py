@@ -16,7 +16,6 @@ import collections
 import random
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile

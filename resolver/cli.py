@@ -109,12 +109,7 @@ def _blocklists(args) -> str:
 
 def cmd_explain(args) -> int:
     from .names import normalize
-    try:
-        policy = load_policy(_blocklists(args), time.time())
-    except PolicyError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        return 1
+    policy = load_policy(_blocklists(args), time.time())      # PolicyError: main() prints it, exit 1
     now = time.time()
     try:
         decision = decide(policy, args.client, normalize(args.name), now)
@@ -149,12 +144,7 @@ def parse_duration(text: str) -> float:
 def cmd_exemptions(args) -> int:
     """Every exemption with its state (active, pending, expired); with --expiring-within, only
     those not yet expired that end within the window: the weekly review."""
-    try:
-        policy = load_policy(_blocklists(args), time.time())
-    except PolicyError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        return 1
+    policy = load_policy(_blocklists(args), time.time())      # PolicyError: main() prints it, exit 1
     now = time.time()
     rows = []
     for ex in policy.exemptions:

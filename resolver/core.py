@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .cache import Cache
 from .policy import Decision, Policy, decide
-from .wire import (ANY, AXFR, IN, IXFR, NOERROR, REFUSED, SERVFAIL, EdnsVersionError, Query,
+from .wire import (ANY, AXFR, IN, IXFR, REFUSED, SERVFAIL, EdnsVersionError, Query,
                    Reply, WireError, block_reply, build_reply, error_reply, formerr_for,
                    hinfo_reply, parse_query)
 

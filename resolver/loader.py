@@ -164,7 +164,7 @@ def load_service(path: Path, shown: str, problems: list[Problem]) -> tuple[Servi
                     report.error(line, f"{section} entry needs {field!r}")
                     continue
                 if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and _TAG.match(t) for t in tags):
-                    report.error(entry.line_of("tags"), f"tags must be a list of short lower-case words")
+                    report.error(entry.line_of("tags"), "tags must be a list of short lower-case words")
                     tags = ()
                 if source is not None and source not in sources:
                     report.error(entry.line_of("source"), f"source {source!r} is not listed under 'sources'")

@@ -16,7 +16,6 @@ import signal
 import socket
 import struct
 import time
-from pathlib import Path
 
 from . import core
 from .cache import Cache
@@ -369,7 +368,6 @@ def _in_nets(client: str, nets) -> bool:
 def drop_privileges(user: str | None) -> None:
     if not user or os.getuid() != 0:
         return
-    import grp
     import pwd
     entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
     os.setgroups([])

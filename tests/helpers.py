@@ -23,6 +23,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SINKHOLE = [sys.executable, "-m", "resolver"]
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `timeout` seconds; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def have(cmd: str) -> bool:
     return shutil.which(cmd) is not None
 
@@ -108,12 +119,7 @@ class Dnsmasq:
         raise RuntimeError("dnsmasq did not start")
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 5)
 
     @property
     def address(self) -> str:

@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 import yaml
 
-from helpers import (ROOT, TEST_POLICY, TEST_SERVICES, Dnsmasq, Sinkhole, ask, free_port, have,
+from helpers import (stop_process, ROOT, TEST_POLICY, TEST_SERVICES, Dnsmasq, Sinkhole, ask, free_port, have,
                      write_blocklists)
 
 pytestmark = [pytest.mark.integration,
@@ -74,13 +74,7 @@ class Process:
         raise TimeoutError(f"no {text!r} within {timeout}s; output:\n" + "".join(self.seen))
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def port_of(line: str) -> int:

@@ -17,7 +17,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from helpers import Dnsmasq, PyUpstream, Sinkhole, ask, free_port, have, wait_for_answer, write_blocklists
+from helpers import stop_process, Dnsmasq, PyUpstream, Sinkhole, ask, free_port, have, wait_for_answer, write_blocklists
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (have("dnsmasq") and have("unbound")),
@@ -149,12 +149,7 @@ forward-zone:
         return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": "/usr/lib/python3/dist-packages"}
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 def outcome(server, name, rdtype, source):

@@ -7,7 +7,6 @@ import json
 import time
 
 import pytest
-import yaml
 
 from helpers import TEST_POLICY, TEST_SERVICES, write_blocklists
 from resolver import cli

@@ -1,5 +1,4 @@
 """EDNS details: OPT kept in truncated answers (RFC 6891 7), OPT owned by the root only."""
-import struct
 
 import dns.message
 import pytest
