@@ -168,42 +168,61 @@ class Server:
 
     # -- UDP -----------------------------------------------------------------------------------
     def _udp_ready(self, sock: socket.socket) -> None:
+        """Drain up to UDP_BATCH datagrams. The answered-at-once path (blocks, cache hits, errors)
+        is written out here with its names bound locally: it is the resolver's hot loop."""
+        recvfrom, sendto = sock.recvfrom, sock.sendto
+        begin, forward_type, ctx = core.begin, core.Forward, self.ctx
+        perf, clock, ratelimit = time.perf_counter, self.clock, self.ratelimit
+        observe, querylog = self.observer.query, self.querylog.log
         for _ in range(UDP_BATCH):
             try:
-                data, addr = sock.recvfrom(65535)
+                data, addr = recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return                  # e.g. ICMP port unreachable reported on the socket
-            self._udp_query(sock, data, addr)
+            started = perf()
+            now = clock()
+            if ratelimit is not None and self._rate_limited(sock, data, addr, now):
+                continue
+            policy = self.policy        # read once: this query uses this snapshot to the end
+            try:
+                step = begin(data, addr[0], policy, ctx, now)
+            except Exception:           # a bug must cost one answer, never the server
+                log.exception("query from %s failed", addr[0])
+                self.observer.dropped("internal")
+                continue
+            if step.__class__ is forward_type:
+                if len(self._tasks) > MAX_INFLIGHT:
+                    self.observer.dropped("overload")
+                    continue
+                self._spawn(self._udp_forward(sock, step, addr, policy, started, now), background=False)
+                continue
+            reply, outcome = step
+            if reply is not None:
+                if len(reply) > outcome.udp_limit:
+                    reply = truncate(reply, outcome.udp_limit)
+                try:
+                    sendto(reply, addr)
+                except OSError:
+                    pass                # the client is gone or the buffer is full: nothing to do
+            duration = perf() - started
+            observe(outcome, duration)
+            if outcome.action != "dropped":
+                querylog(now, outcome, duration)
+            else:
+                self.observer.dropped("malformed")
 
-    def _udp_query(self, sock, data: bytes, addr) -> None:
-        started = time.perf_counter()
-        now = self.clock()
-        if self.ratelimit is not None:  # UDP only: a TCP client's address cannot be spoofed
-            verdict = self.ratelimit.check(addr[0], now)
-            if verdict != PASS:
-                self.observer.dropped("ratelimit")
-                if verdict == SLIP and (reply := slip_answer(data)) is not None:
-                    self._sendto(sock, reply, addr)
-                return
-        policy = self.policy            # read once: this query uses this snapshot to the end
-        try:
-            step = core.begin(data, addr[0], policy, self.ctx, now)
-        except Exception:               # a bug must cost one answer, never the server
-            log.exception("query from %s failed", addr[0])
-            self.observer.dropped("internal")
-            return
-        if isinstance(step, core.Forward):
-            if len(self._tasks) > MAX_INFLIGHT:
-                self.observer.dropped("overload")
-                return
-            self._spawn(self._udp_forward(sock, step, addr, policy, started, now), background=False)
-            return
-        reply, outcome = step
-        if reply is not None:
-            self._sendto(sock, truncate(reply, outcome.udp_limit), addr)
-        self._done(now, outcome, started)
+    def _rate_limited(self, sock, data: bytes, addr, now: float) -> bool:
+        """UDP only (a TCP client's address cannot be spoofed): True when this query is over the
+        client's limit; it then gets an empty TC answer now and then (slip), else nothing."""
+        verdict = self.ratelimit.check(addr[0], now)
+        if verdict == PASS:
+            return False
+        self.observer.dropped("ratelimit")
+        if verdict == SLIP and (reply := slip_answer(data)) is not None:
+            self._sendto(sock, reply, addr)
+        return True
 
     async def _udp_forward(self, sock, fwd, addr, policy, started, now) -> None:
         reply, outcome = await self._forward(fwd, policy)
