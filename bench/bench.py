@@ -101,7 +101,11 @@ class Bench:
             kinds[f"sinkhole-w{a.workers}"] = lambda: Sinkhole(
                 self.tmp, self.server_cpu, self.upstream.port, self.blocklists, a.cache_size,
                 workers=a.workers, metrics=self.metrics_on)
-        for name in a.servers + ([f"sinkhole-w{a.workers}"] if f"sinkhole-w{a.workers}" in kinds else []):
+        if a.nolog:
+            kinds["sinkhole-nolog"] = lambda: Sinkhole(self.tmp, self.server_cpu, self.upstream.port, self.blocklists,
+                                                       a.cache_size, metrics=self.metrics_on, querylog=False)
+        extra = [k for k in kinds if k not in ("sinkhole", "dnsmasq", "unbound")]
+        for name in a.servers + extra:
             self.log("starting", name)
             server = kinds[name]().start("probe." + wl.UPSTREAM_ZONE, deadline=a.start_deadline)
             pids = server.pids()
@@ -134,14 +138,15 @@ class Bench:
         gate = self.gate()
         if gate["timed_out"]:
             self.log(f"  quiet gate timed out after {gate['waited_s']} s ({gate['foreign_cores']} cores busy elsewhere)")
-        if isinstance(server, Sinkhole):
+        logging = isinstance(server, Sinkhole) and server.querylog_on
+        if logging:
             server.querylog_lines()          # empty the log: count only this run's lines
         result = dnsperf.run(server.port, datafile, seconds, WORKLOADS[workload][0], server.pids(),
                              self.upstream.pids(), self.client_cpu, self.tmp, qps=qps, verbose=verbose,
                              max_runs=max_runs)
         result.update({"round": round_no, "workload": workload, "server": name, "kind": kind, "gate": gate,
                        "rss_mib": round(rss_mib(server.pids()), 1)})
-        if isinstance(server, Sinkhole):
+        if logging:
             result["querylog_lines"] = server.querylog_lines()
         self.runs.append(result)
         lat = f" p50 {result.get('p50_ms')} p99 {result.get('p99_ms')} ms" if verbose else ""
@@ -298,7 +303,7 @@ def summarise(runs: list[dict], foreign_limit: float) -> dict:
                 "rss_mib", "offered_qps", "foreign_cores")},
             "lost_max": max((r.get("lost") or 0) for r in clean),
         }
-        if server.startswith("sinkhole"):
+        if server.startswith("sinkhole") and "nolog" not in server:
             table[workload][server][kind]["querylog_ratio"] = median(
                 [r.get("querylog_lines", 0) / r["completed"] for r in clean if r.get("completed")])
     ratios: dict = {}
@@ -439,6 +444,8 @@ def main(argv=None) -> int:
     p.add_argument("--servers", default="sinkhole,dnsmasq,unbound")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--workers", type=int, default=2, help="also run sinkhole --workers N when it supports it")
+    p.add_argument("--nolog", action="store_true",
+                   help="also run sinkhole with the query log off (a diagnostic, not the product)")
     p.add_argument("--miss-rate", type=int, default=1000, help="q/s for the cache-miss latency runs")
     p.add_argument("--scale-names", type=int, default=1_000_000)
     p.add_argument("--no-scale", action="store_true")

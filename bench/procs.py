@@ -270,11 +270,14 @@ class Sinkhole(Server):
     name = "sinkhole"
 
     def __init__(self, workdir, cpu, upstream: int, blocklists: Path, cache_size: int,
-                 workers: int = 1, metrics: bool = True, reload_interval: float = 0):
+                 workers: int = 1, metrics: bool = True, reload_interval: float = 0, querylog: bool = True):
         self.upstream, self.blocklists, self.cache_size = upstream, blocklists, cache_size
         self.workers, self.metrics, self.reload_interval = workers, metrics, reload_interval
+        self.querylog_on = querylog
         if workers > 1:
             self.name = f"sinkhole-w{workers}"
+        if not querylog:
+            self.name += "-nolog"
         super().__init__(workdir, cpu)
         self.querylog = workdir / f"{self.name}-queries.jsonl"
         self.conf = workdir / f"{self.name}.yaml"
@@ -287,7 +290,7 @@ class Sinkhole(Server):
             "cache": {"size": self.cache_size},
             "reload_interval": self.reload_interval,
             # max_bytes 0: no rotation, so the harness can count every line written in a run
-            "query_log": {"target": str(self.querylog), "max_bytes": 0},
+            "query_log": {"target": str(self.querylog) if self.querylog_on else "off", "max_bytes": 0},
         }
         if self.metrics:
             config["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
@@ -323,13 +326,10 @@ def _user() -> str:
 
 
 def metrics_available() -> tuple[bool, str]:
-    try:
-        import importlib.util
-        sys.path.insert(0, str(ROOT))
-        if importlib.util.find_spec("resolver.metrics") is None:
-            return False, "resolver/metrics.py not in this build: metrics off"
-    finally:
-        sys.path.pop(0)
+    """Metrics on when this checkout has resolver/metrics.py (looked up as a file: an editable
+    install elsewhere must not lend its module to this tree)."""
+    if not (ROOT / "resolver" / "metrics.py").exists():
+        return False, "resolver/metrics.py not in this build: metrics off"
     return True, "metrics on (Prometheus endpoint on loopback)"
 
 

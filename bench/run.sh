@@ -24,8 +24,6 @@ if [ -n "$missing" ]; then
     echo "bench: missing Debian packages:$missing (run as root to install them, or apt-get install them)" >&2
   fi
 fi
-# unbound's package enables a system service; the benchmark starts its own on a free port
-systemctl disable --now unbound >/dev/null 2>&1 || true
 
 extra=""; profile=0; sidecar=0; soak=0; fuzz=0
 for arg in "$@"; do
