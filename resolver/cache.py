@@ -18,12 +18,15 @@ class Cache:
         self.negative_max_ttl = negative_max_ttl
         self.stale_ttl = stale_ttl          # RFC 8767: how long past expiry an answer may be served
         self._entries: OrderedDict[bytes, tuple[Reply, float, float]] = OrderedDict()
+        self.requests = 0                   # lookups of fresh answers, and how many were hits:
+        self.hits = 0                       # plain counts the metrics read at scrape time
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: bytes, now: float) -> tuple[Reply, int] | None:
         """(reply, age in whole seconds) for a fresh entry, or None."""
+        self.requests += 1
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -33,6 +36,7 @@ class Cache:
                 del self._entries[key]
             return None
         self._entries.move_to_end(key)
+        self.hits += 1
         return reply, int(now - stored)
 
     def get_stale(self, key: bytes, now: float) -> Reply | None:

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from .loader import PolicyError, check_directory, load_policy
-from .policy import decide
+from .loader import PolicyError, check_directory, load_policy, load_with_warnings
+from .policy import decide, iso_time
 from .yamlsrc import Problem
 
 DEFAULT_CONFIG = "sinkhole.yaml"
@@ -28,20 +28,59 @@ def cmd_serve(args) -> int:
                         format="%(asctime)s sinkhole %(levelname)s %(message)s", stream=sys.stderr)
     try:
         config = _config(args.config)
-        policy = load_policy(config.blocklists, time.time())
+        policy, warnings = load_with_warnings(config.blocklists, time.time())
     except PolicyError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         print("sinkhole: not starting: fix the problems above (it never serves without a valid policy)",
               file=sys.stderr)
         return 1
-    observer = None
-    if config.metrics is not None:
-        from .metrics import PrometheusObserver
-        observer = PrometheusObserver(config.metrics)
+    for problem in warnings:
+        logging.getLogger("sinkhole").warning("%s", problem)
     logging.getLogger("sinkhole").info("policy %s from %s; upstreams %s", policy.revision,
                                        config.blocklists, ", ".join(f"{h}:{p}" for h, p in config.upstreams))
-    return asyncio.run(serve(config, policy, observer))
+    if args.workers <= 1:
+        observer = _observer(config.metrics)
+        return 1 if observer is False else asyncio.run(serve(config, policy, observer))
+    if any(port == 0 for _, port in config.listen):
+        print("sinkhole: --workers needs fixed listen ports (port 0 would give each worker its own)",
+              file=sys.stderr)
+        return 1
+    from .server import run_workers
+    return run_workers(args.workers, lambda index: _worker(config, policy, index))
+
+
+def _observer(metrics):
+    """The Prometheus observer for `metrics: {listen}`, None without one, False if it cannot bind."""
+    if metrics is None:
+        return None
+    from .metrics import PrometheusObserver
+    try:
+        return PrometheusObserver(metrics)
+    except OSError as e:
+        print(f"sinkhole: not starting: cannot serve metrics on {metrics[0]} port "
+              f"{metrics[1]}: {e.strerror or e}", file=sys.stderr)
+        return False
+
+
+def _worker(config, policy, index: int) -> int:
+    """One of --workers N: worker i serves metrics on the metrics port + i and, when the query log
+    is a file, writes NAME.workerI.EXT for i > 0 (no two processes rotate one file)."""
+    import dataclasses
+    from .server import serve
+    metrics = config.metrics
+    if metrics is not None and metrics[1] and index:
+        metrics = (metrics[0], metrics[1] + index)
+    target = config.query_log.target
+    if index and target not in ("off", "stdout", "-"):
+        path = Path(target)
+        target = str(path.with_name(f"{path.stem}.worker{index}{path.suffix}"))
+    config = dataclasses.replace(config, metrics=metrics,
+                                 query_log=dataclasses.replace(config.query_log, target=target))
+    observer = _observer(metrics)
+    if observer is False:
+        return 1
+    return asyncio.run(serve(config, policy, observer, reuse_port=True))
 
 
 def cmd_check(args) -> int:
@@ -84,7 +123,17 @@ def cmd_explain(args) -> int:
         return 2
     print(f"client {args.client}: group {decision.group or '-'}")
     print(f"{normalize(args.name)} {args.type.upper()}: {decision.explain()}")
+    if decision.service is not None:
+        _, key = policy.classify(args.client)
+        for ex in policy.exemptions_covering(key, decision.service):
+            if ex is decision.exemption:
+                continue
+            when = (f"expired {iso_time(ex.expires)}" if ex.expires <= now
+                    else f"starts {iso_time(ex.starts)}, expires {iso_time(ex.expires)}")
+            print(f"  exemption {ex.id} ({ex.origin}) for this client and {decision.service} is not "
+                  f"in force: {when}")
     return 0
+
 
 
 _DURATION = re.compile(r"(\d+)([smhdw])\Z")
@@ -98,7 +147,8 @@ def parse_duration(text: str) -> float:
 
 
 def cmd_exemptions(args) -> int:
-    import datetime
+    """Every exemption with its state (active, pending, expired); with --expiring-within, only
+    those not yet expired that end within the window: the weekly review."""
     try:
         policy = load_policy(_blocklists(args), time.time())
     except PolicyError as e:
@@ -117,10 +167,9 @@ def cmd_exemptions(args) -> int:
         soon = ex.expires - now <= args.expiring_within if args.expiring_within is not None else True
         if args.expiring_within is not None and (state == "expired" or not soon):
             continue
-        iso = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat() if t else None
         rows.append({"id": ex.id, "state": state, "clients": list(ex.clients), "services": sorted(ex.services),
-                     "approved_by": ex.approved_by, "reason": ex.reason, "starts": iso(ex.starts),
-                     "expires": iso(ex.expires), "expires_in_seconds": int(ex.expires - now), "origin": ex.origin})
+                     "approved_by": ex.approved_by, "reason": ex.reason, "starts": iso_time(ex.starts),
+                     "expires": iso_time(ex.expires), "expires_in_seconds": int(ex.expires - now), "origin": ex.origin})
     rows.sort(key=lambda r: r["expires_in_seconds"])
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
@@ -129,9 +178,10 @@ def cmd_exemptions(args) -> int:
     if not rows:
         print("no exemptions" + (" expiring in that window" if args.expiring_within is not None else ""))
         return 0
-    header = ("ID", "STATE", "EXPIRES (UTC)", "IN", "CLIENTS", "SERVICES", "APPROVED BY")
+    header = ("ID", "STATE", "EXPIRES (UTC)", "IN", "CLIENTS", "SERVICES", "APPROVED BY", "REASON")
     table = [header] + [(r["id"], r["state"], r["expires"][:19], _human(r["expires_in_seconds"]),
-                         ",".join(r["clients"]), ",".join(r["services"]), r["approved_by"]) for r in rows]
+                         ",".join(r["clients"]), ",".join(r["services"]), r["approved_by"], r["reason"])
+                        for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -170,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the resolver")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N processes sharing the ports with SO_REUSEPORT (for machines with more cores)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check", help="validate a blocklists directory as the server would load it")
@@ -203,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _EXTRA = []     # other modules register subcommands here (sidecar, export)
+from .export import command as _export_command  # noqa: E402,F401 - registers `sinkhole export`
 
 
 def main(argv=None) -> int:
@@ -216,6 +269,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
 
+
+from exporters import cli as _sidecar_cli  # noqa: E402,F401 - registers `sinkhole sidecar`
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -113,8 +113,11 @@ def finish(fwd: Forward, reply: Reply | None, policy: Policy, ctx: Context, now:
         if stale is None:
             out.action, out.rcode = "error", SERVFAIL
             return error_reply(query, SERVFAIL), out
-        reply, out.action = stale, "stale"
-        return build_reply(query, reply, 0, 30), out
+        checked = _recheck_cnames(policy, fwd.client, stale, query, decision, now, out)
+        if checked is not None:
+            return checked, out
+        out.action, out.rcode = "stale", stale.rcode
+        return build_reply(query, stale, 0, 30), out
     ctx.cache.put(query.key, reply, now)
     # CNAME cloaking: the chain of an allowed name may end in a blocked one.
     checked = _recheck_cnames(policy, fwd.client, reply, query, decision, now, out)

@@ -149,6 +149,7 @@ def load_service(path: Path, shown: str, problems: list[Problem]) -> tuple[Servi
     seen: dict[tuple[str, str], int] = {}
     domains: list[str] = []
     allows: list[tuple[str, int]] = []
+    bad_domain = False          # reported already; its allows are not judged against it again
     for section, field in ENTRY_KEYS.items():
         entries = report.typed(data, section, list, "service", LocatedList())
         for i, entry in enumerate(entries):
@@ -195,6 +196,7 @@ def load_service(path: Path, shown: str, problems: list[Problem]) -> tuple[Servi
             problem = name_problem(value)
             if problem:
                 report.error(line, f"{section}: {problem}")
+                bad_domain = bad_domain or section == "domains"
                 continue
             kind = {"domains": "domain", "hosts": "host", "allow": "allow"}[section]
             rules.append(Rule(name, kind, value, shown, line))
@@ -202,7 +204,7 @@ def load_service(path: Path, shown: str, problems: list[Problem]) -> tuple[Servi
                 domains.append(value)
             elif kind == "allow":
                 allows.append((value, line))
-    for value, line in allows:
+    for value, line in allows if not bad_domain else ():
         if not any(is_within(value, d) and value != d for d in domains):
             report.error(line, f"allow: {value!r} is not below any of this service's domains "
                          "(allow only carves names out of the service's own domains)")

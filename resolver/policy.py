@@ -4,6 +4,7 @@ Nothing here does I/O or reads the clock; the loader builds a Policy, the server
 """
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -101,13 +102,13 @@ class Decision:
         if self.exemption is not None:
             ex = self.exemption
             return (f"group {self.group}: forward under exemption {ex.id} ({ex.origin}), "
-                    f"approved by {ex.approved_by}, until {_iso(ex.expires)}; would block: {why}")
+                    f"approved by {ex.approved_by}, until {iso_time(ex.expires)}; would block: {why}")
         return f"group {self.group}: block with {self.response} (TTL {self.ttl}) because of {why}"
 
 
-def _iso(ts: float) -> str:
-    import datetime
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat()
+def iso_time(ts: float | None) -> str | None:
+    """A Unix time as ISO 8601 in UTC (None stays None)."""
+    return None if ts is None else datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat()
 
 
 def client_key(client) -> tuple[int, int]:
@@ -174,6 +175,20 @@ class Policy:
         block = group.block
         if not block:
             return None
+        rule, carved = self.match_name(block, qname)
+        if rule is not None:
+            return rule
+        for service in block:
+            compiled = self.patterns.get(service)
+            if compiled and service not in carved:
+                for rule, regex in compiled:
+                    if regex.fullmatch(qname):
+                        return rule
+        return None
+
+    def match_name(self, block, qname: str) -> tuple[Rule | None, tuple[str, ...]]:
+        """The name rules' part of `match` (no patterns): (deciding rule or None, services carved
+        out by an `allow` on the way up). The exporters compile zones from it."""
         names = self.names
         carved = ()
         name = qname
@@ -186,18 +201,11 @@ class Policy:
                     if rule.kind == "allow":
                         carved = carved + (rule.service,)
                     elif rule.kind != "host" or name is qname:
-                        return rule
+                        return rule, carved
             dot = name.find(".")
             if dot < 0:
-                break
+                return None, carved
             name = name[dot + 1:]
-        for service in block:
-            compiled = self.patterns.get(service)
-            if compiled and service not in carved:
-                for rule, regex in compiled:
-                    if regex.fullmatch(qname):
-                        return rule
-        return None
 
     def exemption_for(self, key: tuple[int, int], service: str, now: float) -> Exemption | None:
         version, addr = key
@@ -205,6 +213,11 @@ class Policy:
             if service in ex.services and ex.active(now) and ex.covers(version, addr):
                 return ex
         return None
+
+    def exemptions_covering(self, key: tuple[int, int], service: str) -> list[Exemption]:
+        """Every exemption, active or not, for this client address and service (for `explain`)."""
+        version, addr = key
+        return [ex for ex in self.exemptions if service in ex.services and ex.covers(version, addr)]
 
     def active_exemptions(self, now: float) -> list[Exemption]:
         return [ex for ex in self.exemptions if ex.active(now)]
@@ -238,7 +251,8 @@ def decide(policy: Policy, client, qname: str, now: float) -> Decision:
         return Decision("forward", group.name)
     exemption = policy.exemption_for(key, rule.service, now) if policy.exemptions else None
     if exemption is not None:
-        cap = max(1, min(policy.settings.exemption_ttl, int(exemption.expires - now)))
+        # short, and never past the expiry: revocation reaches clients within the TTL
+        cap = max(0, min(policy.settings.exemption_ttl, int(exemption.expires - now)))
         return Decision("forward", group.name, rule.service, rule, ttl=cap, exemption=exemption)
     return Decision("block", group.name, rule.service, rule,
                     response=rule.response or group.response, ttl=group.block_ttl)

@@ -1,21 +1,31 @@
 """The audit query log: one JSON line per query, written by a thread of its own.
 
-The resolver only puts a tuple on a bounded queue; if the queue is full (a slow or full disk) the
-line is dropped and counted, and the answer goes out regardless.
+The resolver only puts a tuple on a bounded queue; if the queue is full (a slow, stalled or full
+disk) the line is dropped and counted, and the answer goes out regardless. The writer thread writes
+batches with os.write, so a failed write drops exactly the lines it held, and those are counted too.
+
+Fields: time (UTC, ms), client (the address policy used: the ECS address behind a trusted
+forwarder), group, qname, qtype, decision, service, rule (path:line), exemption (id), rcode,
+duration_ms. `decision` is core.Outcome.action: forwarded, cached, blocked, refused, error, plus
+stale (served from the cache while every upstream failed) and local (answered by the resolver
+itself, e.g. ANY).
 """
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import queue
-import sys
 import threading
 
 from .wire import QTYPE_NAMES, RCODE_NAMES
 
 FIELDS = ("time", "client", "group", "qname", "qtype", "decision", "service", "rule", "exemption",
           "rcode", "duration_ms")
+BATCH = 512
+
+log = logging.getLogger("sinkhole")
 
 
 class QueryLog:
@@ -23,15 +33,23 @@ class QueryLog:
                  queue_size: int = 10000):
         self.target, self.max_bytes, self.backups = target, max_bytes, backups
         self.enabled = target != "off"
-        self.dropped = 0            # lines lost (queue full or write failed)
         self.written = 0
-        self.errors = 0
+        self.errors = 0             # failed opens, writes and rotations
+        self._full = 0              # lines lost because the queue was full (event loop thread)
+        self._failed = 0            # lines lost because a write failed (writer thread)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._thread = None
-        self._file = None
+        self._fd: int | None = None
         self._size = 0
+        self._failing = False
+        self._inflight = 0          # lines the writer thread holds right now
         self._idle = threading.Event()
         self._idle.set()
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost: queue full, or the write failed."""
+        return self._full + self._failed
 
     def start(self) -> None:
         if self.enabled and self._thread is None:
@@ -45,20 +63,27 @@ class QueryLog:
             self._idle.clear()
             self._queue.put_nowait((when, outcome, duration))
         except queue.Full:
-            self.dropped += 1
+            self._full += 1
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every queued line is written (tests, shutdown)."""
+        """Wait until every queued line is written or dropped (tests, shutdown). False if the writer
+        is stuck (e.g. a FIFO nobody reads)."""
         if self._thread is None:
             return True
-        self._queue.put(None, timeout=timeout)
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return False
         return self._idle.wait(timeout)
 
-    def close(self) -> None:
-        self.flush()
-        if self._file not in (None, sys.stdout):
-            self._file.close()
-        self._file = None
+    def close(self, timeout: float = 3.0) -> None:
+        if not self.flush(timeout):
+            # the writer is stuck (a FIFO nobody reads, a hung disk): what it holds is lost
+            self._full += self._queue.qsize() + self._inflight
+        if self.enabled:
+            log.info("query log: %d lines written, %d dropped", self.written, self.dropped)
+        if self._idle.is_set():
+            self._close_fd()
 
     # -- writer thread -------------------------------------------------------------------------
     @staticmethod
@@ -73,54 +98,110 @@ class QueryLog:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                if self._file is not None:
-                    try:
-                        self._file.flush()
-                    except OSError:
-                        self.errors += 1
-                if self._queue.empty():
-                    self._idle.set()
-                continue
-            line = self.format(*item) + "\n"
-            try:
-                self._write(line)
-                self.written += 1
-            except (OSError, ValueError):
-                self.dropped += 1
-                self.errors += 1
-                self._file = None      # reopen on the next line
-            if self._queue.empty():
+            items = [self._queue.get()]
+            while len(items) < BATCH:
                 try:
-                    if self._file is not None:
-                        self._file.flush()
-                except OSError:
-                    self.errors += 1
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            lines = [(self.format(*item) + "\n").encode() for item in items if item is not None]
+            if lines:
+                self._inflight = len(lines)
+                self._write_lines(lines)
+                self._inflight = 0
+            if self._queue.empty():
                 self._idle.set()
 
-    def _write(self, line: str) -> None:
-        if self.target in ("stdout", "-"):
-            sys.stdout.write(line)
-            return
-        if self._file is None:
-            self._file = open(self.target, "a", encoding="utf-8")
-            self._size = self._file.tell()
-        if self.max_bytes and self._size + len(line) > self.max_bytes and self._size > 0:
-            self._rotate()
-        self._file.write(line)
-        self._size += len(line)
+    def _write_lines(self, lines: list[bytes]) -> None:
+        """Write a batch, rotating by size between lines; count the lines that did not make it."""
+        i = 0
+        while i < len(lines):
+            try:
+                fd = self._open()
+            except OSError as e:
+                self._lost(len(lines) - i, e)
+                return
+            j, size = i, 0
+            if fd == 1 or not self.max_bytes:
+                j = len(lines)
+            else:
+                while j < len(lines) and (self._size + size == 0
+                                          or self._size + size + len(lines[j]) <= self.max_bytes):
+                    size += len(lines[j])
+                    j += 1
+            if j == i:                    # the file is full: rotate, then write to the new one
+                self._rotate()
+                continue
+            data = b"".join(lines[i:j])
+            done = 0
+            try:
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+            except OSError as e:
+                lost = _lines_after(lines[i:j], done)
+                self._size += done
+                self.written += j - i - lost
+                self._close_fd()
+                self._lost(lost + len(lines) - j, e)
+                return
+            self._size += done
+            self.written += j - i
+            i = j
+        if self._failing:
+            self._failing = False
+            log.warning("query log %s: writing again; %d lines dropped so far", self.target, self.dropped)
+
+    def _lost(self, count: int, error: OSError) -> None:
+        self._failed += count
+        self.errors += 1
+        if not self._failing:
+            self._failing = True
+            log.warning("query log %s: %s; dropping lines until it works again (answers are not "
+                        "affected)", self.target, error)
+
+    def _open(self) -> int:
+        if self._fd is None:
+            if self.target in ("stdout", "-"):
+                self._fd = 1
+            else:
+                self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                self._size = os.fstat(self._fd).st_size
+        return self._fd
+
+    def _close_fd(self) -> None:
+        if self._fd not in (None, 1):
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = None
 
     def _rotate(self) -> None:
-        self._file.close()
-        self._file = None
-        for i in range(self.backups - 1, 0, -1):
-            older = f"{self.target}.{i}"
-            if os.path.exists(older):
-                os.replace(older, f"{self.target}.{i + 1}")
-        if self.backups > 0:
-            os.replace(self.target, f"{self.target}.1")
-        else:
-            os.remove(self.target)
-        self._file = open(self.target, "a", encoding="utf-8")
+        """target -> target.1 -> ... -> target.<backups>; the oldest falls off. If renaming fails
+        the current file just grows (counted in `errors`, logged): lines matter more than size."""
+        try:
+            for i in range(self.backups - 1, 0, -1):
+                older = f"{self.target}.{i}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self.target}.{i + 1}")
+            if self.backups > 0:
+                os.replace(self.target, f"{self.target}.1")
+            else:
+                os.remove(self.target)
+        except OSError as e:
+            self.errors += 1
+            log.warning("query log %s: could not rotate: %s", self.target, e)
+            self._size = 0
+            return
+        self._close_fd()
         self._size = 0
+
+
+def _lines_after(chunk: list[bytes], done: int) -> int:
+    """How many lines of `chunk` were not completely written when `done` bytes were."""
+    total = 0
+    for i, line in enumerate(chunk):
+        total += len(line)
+        if total > done:
+            return len(chunk) - i
+    return 0

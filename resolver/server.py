@@ -51,8 +51,10 @@ def fingerprint(directory: str) -> str:
 
 
 class Server:
-    def __init__(self, config: Config, policy: Policy, observer=None, clock=time.time):
+    def __init__(self, config: Config, policy: Policy, observer=None, clock=time.time,
+                 reuse_port: bool = False):
         self.config = config
+        self.reuse_port = reuse_port         # --workers: several processes share the listening ports
         self.policy = policy                 # the one reference a reload swaps
         self.observer = observer or Quiet()
         self.clock = clock
@@ -67,6 +69,7 @@ class Server:
         self.addresses: list[tuple[str, int]] = []
         self.last_reload_ok: float | None = None
         self.reload_failures = 0
+        self.reload_failing = False          # the files on disk were rejected; the old policy serves
         self._udp: list[socket.socket] = []
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
@@ -91,6 +94,8 @@ class Server:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for attempt in range(20):
             udp = socket.socket(family, socket.SOCK_DGRAM)
+            if self.reuse_port:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
@@ -101,6 +106,8 @@ class Server:
             bound = udp.getsockname()[1]
             tcp = socket.socket(family, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
@@ -120,6 +127,11 @@ class Server:
         self._tcp_servers.append(await asyncio.start_server(self._tcp_client, sock=tcp))
         log.info("serving DNS on %s port %d (UDP and TCP)", host, bound)
         return host, bound
+
+    @property
+    def serving(self) -> bool:
+        """Listening for DNS and not shutting down (for /healthz)."""
+        return bool(self.addresses) and not self._stopping.is_set()
 
     async def stop(self, drain: float = 5.0) -> None:
         """Stop listening, let in-flight queries finish (up to `drain` seconds), close everything."""
@@ -268,18 +280,41 @@ class Server:
                 pass
             await self.reload(force=False)
 
+    def _load(self, seen: str):
+        """Load (in a worker thread) from where the path resolves now, so that a symlink flip
+        mid-load cannot mix two revisions. If the files changed while loading (a `git pull` in
+        progress), load again, at most three times; the fingerprint returned is the one taken
+        before the last load, so a change that raced it is picked up by the next poll."""
+        directory = self.config.blocklists
+        for attempt in range(3):
+            try:
+                policy, warnings = load_with_warnings(os.path.realpath(directory), self.clock())
+                error = None
+            except PolicyError as e:
+                error = e
+            after = fingerprint(directory)
+            if after == seen or attempt == 2:
+                break
+            seen = after
+        if error is not None:
+            raise error
+        return policy, warnings, seen
+
     async def reload(self, force: bool = True) -> bool:
         """Load the blocklists off the event loop, validate, swap whole. False keeps the old policy."""
         async with self._reload_lock:
-            directory = self.config.blocklists
-            seen = await asyncio.to_thread(fingerprint, directory)
+            seen = await asyncio.to_thread(fingerprint, self.config.blocklists)
             if not force and seen == self.fingerprint:
+                if not self.reload_failing:      # confirmed: the policy in force is the one on disk
+                    self.last_reload_ok = self.clock()
+                    self.observer.reload(True, self.policy, self.last_reload_ok)
                 return True
             try:
-                policy, warnings = await asyncio.to_thread(load_with_warnings, directory, self.clock())
+                policy, warnings, seen = await asyncio.to_thread(self._load, seen)
             except PolicyError as e:
                 self.fingerprint = seen          # do not retry the same broken files every poll
                 self.reload_failures += 1
+                self.reload_failing = True
                 for problem in e.problems:
                     log.error("reload rejected, keeping policy %s: %s", self.policy.revision, problem)
                 self.observer.reload(False, self.policy, self.clock())
@@ -287,6 +322,7 @@ class Server:
             except Exception:
                 self.fingerprint = seen
                 self.reload_failures += 1
+                self.reload_failing = True
                 log.exception("reload failed, keeping policy %s", self.policy.revision)
                 self.observer.reload(False, self.policy, self.clock())
                 return False
@@ -295,6 +331,7 @@ class Server:
             old = self.policy
             self.policy = policy                 # the swap: one reference
             self.fingerprint = seen
+            self.reload_failing = False
             self.last_reload_ok = self.clock()
             self.observer.reload(True, policy, self.last_reload_ok)
             if policy.revision != old.revision:
@@ -322,9 +359,9 @@ def drop_privileges(user: str | None) -> None:
     log.info("dropped privileges to %s (uid %d)", entry.pw_name, entry.pw_uid)
 
 
-async def serve(config: Config, policy: Policy, observer=None) -> int:
+async def serve(config: Config, policy: Policy, observer=None, reuse_port: bool = False) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
-    server = Server(config, policy, observer)
+    server = Server(config, policy, observer, reuse_port=reuse_port)
     await server.start()
     drop_privileges(config.user)
     loop = asyncio.get_running_loop()
@@ -336,3 +373,61 @@ async def serve(config: Config, policy: Policy, observer=None) -> int:
     log.info("stopping: draining in-flight queries")
     await server.stop()
     return 0
+
+
+def run_workers(count: int, start_worker) -> int:
+    """`--workers N`: N processes share the listening ports with SO_REUSEPORT; the kernel spreads
+    clients over them. Each worker asks upstreams from its own sockets, so replies come back to
+    the process that asked. The parent forwards SIGHUP and SIGTERM and restarts a worker that dies
+    (at most 10 restarts a minute, then it stops them all: something is wrong, say so)."""
+    children: dict[int, int] = {}
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                code = start_worker(index)
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    stopping = False
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, forward)
+    for index in range(count):
+        spawn(index)
+    restarts: list[float] = []
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid, None)
+        if index is None or stopping:
+            continue
+        restarts = [t for t in restarts if time.monotonic() - t < 60] + [time.monotonic()]
+        if len(restarts) > 10:
+            log.error("workers keep dying; stopping all")
+            stopping, status = True, 1
+            forward(signal.SIGTERM, None)
+            continue
+        log.error("worker %d (pid %d) exited with status %d; restarting it", index, pid, code >> 8)
+        spawn(index)
+    return status

@@ -24,6 +24,11 @@ class UpstreamStats:
     failures: int = 0
 
 
+def upstream_label(host: str, port: int) -> str:
+    """How an upstream is named in logs and metrics: host:port, [v6]:port."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Upstreams:
     def __init__(self, servers, timeout: float = 1.5, observe=None):
         self.servers = tuple(servers)
@@ -50,7 +55,7 @@ class Upstreams:
 
     async def _resolve(self, key: bytes) -> Reply | None:
         for host, port in self.servers:
-            label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            label = upstream_label(host, port)
             started = time.monotonic()
             try:
                 reply = await self._ask_udp(host, port, key)

@@ -135,6 +135,7 @@ def parse_query(data: bytes) -> Query:
     qtype, qclass = struct.unpack_from("!HH", data, offset)
     end = offset + 4
     question = data[12:end]
+    key = question_key(question)
     qname = ".".join(_label_text(l) for l in labels)
     if ancount or nscount:
         raise WireError("a query with answer or authority records")
@@ -145,10 +146,12 @@ def parse_query(data: bytes) -> Query:
     for _ in range(arcount):
         if arcount > 8:
             raise WireError("too many additional records")
+        owner_at = offset
         _, offset = read_name(data, offset)
         if offset + 10 > n:
             raise WireError("additional record runs past the end")
         rtype, rclass, ttl, rdlen = _RR.unpack_from(data, offset)
+        root_owned = offset == owner_at + 1
         rdata_at = offset + 10
         offset = rdata_at + rdlen
         if offset > n:
@@ -157,7 +160,7 @@ def parse_query(data: bytes) -> Query:
             continue
         if edns is not None:
             raise WireError("more than one OPT record")
-        if data[rdata_at - 11] != 0:
+        if not root_owned:
             raise WireError("OPT record not owned by the root")
         version = (ttl >> 16) & 0xFF
         edns = max(512, rclass)
@@ -165,7 +168,13 @@ def parse_query(data: bytes) -> Query:
         if version != 0:
             raise EdnsVersionError(qid, flags, question, edns)
         ecs = _read_ecs(data, rdata_at, offset)
-    return Query(qid, flags, qname, question, question.lower(), qtype, qclass, edns, do, ecs)
+    return Query(qid, flags, qname, question, key, qtype, qclass, edns, do, ecs)
+
+
+def question_key(question: bytes) -> bytes:
+    """The question with its name in lower case; type and class kept as sent (bytes.lower()
+    on the whole question would turn type 65, HTTPS, into 97)."""
+    return question[:-4].lower() + question[-4:]
 
 
 class EdnsVersionError(WireError):
@@ -173,7 +182,7 @@ class EdnsVersionError(WireError):
 
     def __init__(self, qid, flags, question, edns):
         super().__init__("unsupported EDNS version", FORMERR)
-        self.query = Query(qid, flags, "", question, question.lower(), 0, 0, edns)
+        self.query = Query(qid, flags, "", question, question_key(question), 0, 0, edns)
 
 
 def _read_ecs(data: bytes, start: int, end: int):
@@ -270,7 +279,9 @@ def truncate(reply: bytes, limit: int) -> bytes:
     if qd:
         _, end = read_name(reply, 12)
         end += 4
-    return _H.pack(qid, flags | TC, qd, 0, 0, 0) + reply[12:end]
+    # RFC 6891 7: the OPT record stays in a truncated answer to an EDNS client (it is always last)
+    opt = reply[-11:] if ar and len(reply) >= end + 11 and reply[-11] == 0 and reply[-10:-8] == b"\x00\x29" else b""
+    return _H.pack(qid, flags | TC, qd, 0, 0, int(bool(opt))) + reply[12:end] + opt
 
 
 def make_query(qid: int, question: bytes, rd: bool = True, cd: bool = False, do: bool = False) -> bytes:
@@ -308,7 +319,7 @@ def parse_reply(data: bytes, question_key: bytes, qid: int) -> Reply:
     if qd != 1:
         raise WireError("reply does not echo one question")
     qend = 12 + len(question_key)
-    if data[12:qend].lower() != question_key:
+    if len(data) < qend or data[12:qend - 4].lower() + data[qend - 4:qend] != question_key:
         raise WireError("reply is for another question")
     rcode = flags & 0xF
     offset = qend

@@ -192,7 +192,127 @@ def ask(server: tuple[str, int] | Sinkhole, name: str, rdtype="A", source: str |
         tcp: bool = False, use_edns=False, payload: int = 1232, timeout: float = 3.0) -> dns.message.Message:
     """One query with dnspython from `source` (e.g. 127.0.1.5 for a desktop)."""
     host, port = (server.host, server.port) if isinstance(server, Sinkhole) else server
-    query = dns.message.make_query(name, rdtype, use_edns=0 if use_edns else None, payload=payload)
+    if use_edns:
+        query = dns.message.make_query(name, rdtype, use_edns=0, payload=payload)
+    else:
+        query = dns.message.make_query(name, rdtype, use_edns=False)
     if tcp:
         return dns.query.tcp(query, host, port=port, timeout=timeout, source=source)
     return dns.query.udp(query, host, port=port, timeout=timeout, source=source, ignore_trailing=False)
+
+
+class PyUpstream:
+    """A small real DNS server on loopback (UDP and TCP on one port, dnslib for the records) for
+    what dnsmasq cannot do: answers bigger than any UDP limit, TC on every UDP answer, silence.
+    `answer(request, transport)` returns a dnslib DNSRecord, or None to stay silent. Every question
+    it receives is recorded in `.queries` as (transport, qname without the dot, qtype name)."""
+
+    def __init__(self, answer, host: str = "127.0.0.1", truncate_udp: bool = False):
+        self.answer, self.host, self.truncate_udp = answer, host, truncate_udp
+        self.queries: list[tuple[str, str, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        for _ in range(20):
+            self.udp = socket.socket(family, socket.SOCK_DGRAM)
+            self.udp.bind((self.host, 0))
+            self.port = self.udp.getsockname()[1]
+            self.tcp = socket.socket(family, socket.SOCK_STREAM)
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.tcp.bind((self.host, self.port))
+                break
+            except OSError:
+                self.udp.close()
+                self.tcp.close()
+        else:
+            raise RuntimeError("no free UDP+TCP port pair")
+        self.tcp.listen(16)
+        self.udp.settimeout(0.1)
+        self.tcp.settimeout(0.1)
+        self._threads = [threading.Thread(target=self._serve_udp, daemon=True),
+                         threading.Thread(target=self._serve_tcp, daemon=True)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        self.udp.close()
+        self.tcp.close()
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def asked(self, qname: str) -> list[tuple[str, str, str]]:
+        with self._lock:
+            return [q for q in self.queries if q[1] == qname]
+
+    def _reply(self, data: bytes, transport: str) -> bytes | None:
+        import dnslib
+        try:
+            request = dnslib.DNSRecord.parse(data)
+        except Exception:  # noqa: BLE001 - a test server ignores garbage
+            return None
+        with self._lock:
+            self.queries.append((transport, str(request.q.qname).rstrip("."),
+                                 dnslib.QTYPE.get(request.q.qtype)))
+        reply = self.answer(request, transport)
+        if reply is None:
+            return None
+        if transport == "udp" and self.truncate_udp:
+            reply.rr, reply.auth, reply.ar = [], [], []
+            reply.header.tc = 1
+        return reply.pack()
+
+    def _serve_udp(self):
+        while not self._stop.is_set():
+            try:
+                data, addr = self.udp.recvfrom(65535)
+            except (socket.timeout, OSError):
+                continue
+            out = self._reply(data, "udp")
+            if out is not None:
+                self.udp.sendto(out, addr)
+
+    def _serve_tcp(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.tcp.accept()
+            except (socket.timeout, OSError):
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    for _ in range(100):
+                        head = conn.recv(2, socket.MSG_WAITALL)
+                        if len(head) < 2:
+                            break
+                        data = conn.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL)
+                        out = self._reply(data, "tcp")
+                        if out is not None:
+                            conn.sendall(len(out).to_bytes(2, "big") + out)
+                except OSError:
+                    pass
+
+
+def zone_answer(zone: str):
+    """An `answer` for PyUpstream from zone-file lines: every record whose name and type match
+    the question (ANY: all of that name); NXDOMAIN for names the zone does not have."""
+    import dnslib
+    records = dnslib.RR.fromZone(zone)
+
+    def answer(request, transport):
+        reply = request.reply()
+        qname, qtype = request.q.qname, request.q.qtype
+        named = [rr for rr in records if rr.rname == qname]
+        reply.rr = [rr for rr in named if qtype in (rr.rtype, dnslib.QTYPE.ANY)]
+        if not named:
+            reply.header.rcode = dnslib.RCODE.NXDOMAIN
+        return reply
+    return answer

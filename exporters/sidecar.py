@@ -1,0 +1,265 @@
+"""The sidecar's engine and its I/O shell: frames -> packets -> observations -> findings -> alerts
+and metrics; policy reloads (fingerprint poll + SIGHUP, last good policy kept); the live and pcap
+loops. Per-flow state lives in bounded LRUs, so a flood of new flows evicts, never grows.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+from resolver.loader import PolicyError, load_policy
+from resolver.policy import Policy
+
+from . import quic
+from .alerts import Alerts
+from .detectors import DETECTORS, Learned, Settings, build_context, detect
+from .lru import LRU
+from .packets import TCP, UDP, Observation, Packet, dns_addresses, dns_question, parse
+from .tls import Reassembly, TLSError, hello_from_records, looks_like_tls
+
+log = logging.getLogger("sinkhole.sidecar")
+DONE = object()             # a flow that needs no more looking at
+HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ")
+
+
+class Engine:
+    """Everything between a raw frame and an alert line. `now` is always the packet's time."""
+
+    def __init__(self, policy: Policy, sanctioned: tuple[str, ...], alerts: Alerts, metrics=None,
+                 settings: Settings = Settings(), started: float | None = None,
+                 max_flows: int = 4096, max_quic: int = 2048, max_udp: int = 65536):
+        self.settings = settings
+        self.sanctioned = sanctioned
+        self.learned = Learned(settings)
+        self.alerts = alerts
+        self.metrics = metrics
+        self.started = started
+        self.policy = policy
+        self.ctx = build_context(policy, sanctioned, self.learned, started or 0.0, settings)
+        self.tcp = LRU(max_flows)           # flow -> Reassembly | DONE
+        self.quic = LRU(max_quic)           # flow -> quic.CryptoStream | DONE
+        self.udp = LRU(max_udp)             # flow -> True (first datagram seen)
+        self.counts = {d: [0, 0, 0] for d in DETECTORS}     # alerted, suppressed, counted only
+        self.packets = self.unparsed = 0
+        if metrics is not None:
+            metrics.groups(policy.groups)
+
+    def swap(self, policy: Policy) -> None:
+        """A new policy snapshot: one new Context, learned state kept."""
+        self.policy = policy
+        self.ctx = build_context(policy, self.sanctioned, self.learned, self.started or 0.0, self.settings)
+        if self.metrics is not None:
+            self.metrics.groups(policy.groups)
+
+    def flows(self) -> int:
+        return len(self.tcp) + len(self.quic) + len(self.udp)
+
+    # -- the processing order, once ----------------------------------------------------------
+    def feed(self, when: float, linktype: int, frame: bytes) -> list[dict]:
+        if self.started is None:                       # a pcap: its first packet starts the clock
+            self.started = when
+            self.ctx = build_context(self.policy, self.sanctioned, self.learned, when, self.settings)
+        self.packets += 1
+        if self.metrics is not None:
+            self.metrics.packets.inc()
+        pkt = parse(frame, linktype, when)
+        if pkt is None:
+            self.unparsed += 1
+            if self.metrics is not None:
+                self.metrics.unparsed.inc()
+            return []
+        ctx = self.ctx                                 # one snapshot for the whole packet
+        rows = []
+        for obs in self.observe(pkt, ctx):
+            for f in detect(obs, ctx):
+                counts = self.counts[f.detector]
+                if self.metrics is not None:
+                    self.metrics.detections.labels(f.detector, f.group).inc()
+                if not f.alert:
+                    counts[2] += 1
+                    continue
+                row = self.alerts.offer(f)
+                if row is None:
+                    counts[1] += 1
+                    if self.metrics is not None:
+                        self.metrics.suppressed.labels(f.detector).inc()
+                else:
+                    counts[0] += 1
+                    rows.append(row)
+                    if self.metrics is not None:
+                        self.metrics.alerts.labels(f.detector).inc()
+        return rows
+
+    def observe(self, pkt: Packet, ctx) -> list[Observation]:
+        """What one packet tells: learn our resolver's answers; turn client packets into
+        observations (a new flow, a complete ClientHello, an HTTP request)."""
+        if pkt.sport == 53 and (pkt.version, pkt.src) in ctx.sanctioned:
+            message = pkt.payload[2:] if pkt.proto == TCP else pkt.payload
+            for version, address, ttl in dns_addresses(message):
+                self.learned.answer((pkt.version, pkt.dst), (version, address), ttl, pkt.time)
+            return []
+        flow = (pkt.version, pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        if pkt.proto == UDP:
+            if pkt.dport == 443:
+                return self._quic(pkt, flow)
+            if pkt.dport in (53, 853) and flow not in self.udp:
+                self.udp.put(flow, True)
+                name = dns_question(pkt.payload) if pkt.dport == 53 else None
+                return [self._obs(pkt, "connect", "udp", name=name)]
+            return []
+        if pkt.proto != TCP:
+            return []
+        if pkt.syn:
+            self.tcp.put(flow, Reassembly((pkt.seq + 1) & 0xFFFFFFFF))
+            return [self._obs(pkt, "connect", "tcp")]
+        if not pkt.payload:
+            return []
+        state = self.tcp.get(flow)
+        if state is DONE:
+            return []
+        if state is None or not state.data and not state.pending:
+            if pkt.payload.startswith(HTTP_METHODS):
+                self.tcp.put(flow, DONE)
+                return self._http(pkt)
+            if state is None:
+                if not looks_like_tls(pkt.payload):
+                    return []
+                state = Reassembly(None)
+                self.tcp.put(flow, state)
+        stream = state.add(pkt.seq, pkt.payload)
+        try:
+            hello = hello_from_records(stream) if stream else None
+        except TLSError:
+            self.tcp.put(flow, DONE)
+            return []
+        if hello is None:
+            return []
+        self.tcp.put(flow, DONE)
+        return [self._obs(pkt, "hello", "tcp", sni=hello.sni, alpn=hello.alpn)]
+
+    def _quic(self, pkt: Packet, flow) -> list[Observation]:
+        state = self.quic.get(flow)
+        out = []
+        if state is None:
+            if quic.first_initial_dcid(pkt.payload) is None:
+                return []                     # not the start of a connection we saw begin
+            out.append(self._obs(pkt, "connect", "quic"))
+        if state is DONE:
+            return out
+        try:
+            stream, hello = quic.read_datagram(pkt.payload, state)
+        except (quic.QUICError, TLSError):
+            self.quic.put(flow, DONE)
+            return out
+        if hello is not None:
+            self.quic.put(flow, DONE)
+            out.append(self._obs(pkt, "hello", "quic", sni=hello.sni, alpn=hello.alpn))
+        else:
+            self.quic.put(flow, stream)
+        return out
+
+    def _http(self, pkt: Packet) -> list[Observation]:
+        head = pkt.payload[:2048].split(b"\r\n")
+        parts = head[0].split(b" ")
+        if len(parts) < 2:
+            return []
+        host = None
+        for line in head[1:32]:
+            if line[:5].lower() == b"host:":
+                host = line[5:].strip().decode("ascii", "replace").lower().split(":")[0] or None
+                break
+        return [self._obs(pkt, "http", "tcp", name=host, detail=parts[1].decode("ascii", "replace")[:512])]
+
+    @staticmethod
+    def _obs(pkt: Packet, kind: str, transport: str, **extra) -> Observation:
+        return Observation(pkt.time, kind, transport, pkt.version, pkt.src, pkt.dst, pkt.sport, pkt.dport, **extra)
+
+    def summary(self) -> str:
+        lines = [f"{'detector':<14}{'alerts':>8}{'repeats':>9}{'counted':>9}"]
+        for d in DETECTORS:
+            a, s, c = self.counts[d]
+            lines.append(f"{d:<14}{a:>8}{s:>9}{c:>9}")
+        lines.append(f"packets {self.packets}, unparsed {self.unparsed}, flows held {self.flows()}")
+        return "\n".join(lines)
+
+
+class Reloader:
+    """Polls the blocklists directory's fingerprint (as the resolver does) and swaps the policy
+    when it changes or on SIGHUP; a bad policy is logged and the last good one stays."""
+
+    def __init__(self, engine: Engine, directory: str, interval: float, metrics=None):
+        from resolver.server import fingerprint
+        self._fingerprint = fingerprint
+        self.engine, self.directory, self.interval, self.metrics = engine, directory, interval, metrics
+        self.current = fingerprint(directory)
+        self.next_poll = time.monotonic() + interval
+        self.requested = False
+
+    def maybe(self) -> None:
+        due = self.interval > 0 and time.monotonic() >= self.next_poll
+        if not (due or self.requested):
+            return
+        self.next_poll = time.monotonic() + self.interval
+        force, self.requested = self.requested, False
+        fp = self._fingerprint(self.directory)
+        if fp == self.current and not force:
+            return
+        self.current = fp
+        try:
+            policy = load_policy(self.directory, time.time())
+        except PolicyError as e:
+            for problem in e.problems:
+                log.error("reload rejected, keeping policy %s: %s", self.engine.policy.revision, problem)
+            self._count("failed")
+            return
+        except Exception:   # noqa: BLE001 - never die on a reload
+            log.exception("reload failed, keeping policy %s", self.engine.policy.revision)
+            self._count("failed")
+            return
+        self.engine.swap(policy)
+        log.info("policy %s loaded", policy.revision)
+        self._count("ok")
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.reloads.labels(result).inc()
+
+
+def run_pcap(engine: Engine, path: str) -> int:
+    from .capture import read_pcap
+    for when, linktype, frame in read_pcap(path):
+        engine.feed(when, linktype, frame)
+    print(engine.summary(), file=sys.stderr)
+    return 0
+
+
+def run_live(engine: Engine, ifaces: list[str], reloader: Reloader, metrics=None, stop=None) -> int:
+    from .capture import LiveCapture
+    capture = LiveCapture(ifaces)
+    log.info("capturing on %s", ", ".join(ifaces))
+    stopping = []
+    signal.signal(signal.SIGHUP, lambda *_: setattr(reloader, "requested", True))
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    print("sidecar: capturing on " + ",".join(ifaces), file=sys.stderr, flush=True)
+    try:
+        while not stopping and not (stop and stop.is_set()):
+            for when, linktype, frame in capture.frames(0.5):
+                try:
+                    engine.feed(when, linktype, frame)
+                except Exception:   # noqa: BLE001 - one odd packet never stops the sidecar
+                    log.exception("packet handling failed")
+            drops = capture.drops()
+            if metrics is not None:
+                if drops:
+                    metrics.kernel_drops.inc(drops)
+                metrics.flows.set(engine.flows())
+                metrics.learned.set(engine.learned.sizes())
+            reloader.maybe()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        capture.close()
+        print(engine.summary(), file=sys.stderr, flush=True)
+    return 0

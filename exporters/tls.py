@@ -1,0 +1,176 @@
+"""TLS ClientHello reading (SNI, ALPN, versions, ECH) and the per-flow TCP reassembly it needs.
+
+Real browsers' ClientHellos (post-quantum key shares) span several TCP segments, and the record
+layer may split one handshake message over several records, so both are put back together here,
+in sequence order, up to MAX_HELLO bytes. Errors raise `TLSError`; nothing else escapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_HELLO = 8192           # bytes of client stream kept per flow; a ClientHello is ~0.5-2.5 KiB
+EXT_SNI, EXT_ALPN, EXT_VERSIONS, EXT_QUIC_TP, EXT_ECH = 0x0000, 0x0010, 0x002B, 0x0039, 0xFE0D
+
+
+class TLSError(ValueError):
+    """Not a ClientHello, or a malformed one."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    sni: str | None
+    alpn: tuple[str, ...] = ()
+    versions: tuple[int, ...] = ()
+    ech: bool = False             # has an encrypted_client_hello extension (may be GREASE)
+
+
+def looks_like_tls(payload: bytes) -> bool:
+    """The first bytes of a client stream that starts with a TLS handshake record."""
+    return len(payload) >= 3 and payload[0] == 0x16 and payload[1] == 0x03 and payload[2] <= 0x04
+
+
+def hello_from_records(stream: bytes) -> ClientHello | None:
+    """The ClientHello at the start of a TLS client stream; None while more bytes are needed."""
+    handshake = bytearray()
+    p = 0
+    for _ in range(64):
+        if p + 5 > len(stream):
+            break
+        if stream[p] != 0x16 or stream[p + 1] != 0x03:
+            raise TLSError("not a TLS handshake record")
+        length = int.from_bytes(stream[p + 3:p + 5], "big")
+        if length == 0 or length > 18432:
+            raise TLSError("bad TLS record length")
+        handshake += stream[p + 5:p + 5 + length]
+        p += 5 + length
+        hello = hello_from_handshake(bytes(handshake))
+        if hello is not None or p > len(stream):
+            return hello
+    if len(stream) >= MAX_HELLO:
+        raise TLSError("no complete ClientHello in the first bytes of the stream")
+    return None
+
+
+def hello_from_handshake(stream: bytes) -> ClientHello | None:
+    """The ClientHello at the start of a handshake-message stream (a TLS record payload or the
+    QUIC CRYPTO stream); None while more bytes are needed."""
+    if len(stream) < 4:
+        return None
+    if stream[0] != 1:
+        raise TLSError(f"handshake type {stream[0]} is not a ClientHello")
+    length = int.from_bytes(stream[1:4], "big")
+    if length > MAX_HELLO * 4:
+        raise TLSError("ClientHello too long")
+    if len(stream) < 4 + length:
+        return None
+    return parse_client_hello(stream[4:4 + length])
+
+
+def parse_client_hello(body: bytes) -> ClientHello:
+    """The ClientHello body (after the 4-byte handshake header)."""
+    r = _Reader(body)
+    r.skip(2 + 32)                       # legacy_version, random
+    r.skip(r.u8())                       # session id
+    r.skip(r.u16())                      # cipher suites
+    r.skip(r.u8())                       # compression methods
+    if r.left() == 0:
+        return ClientHello(None)         # no extensions at all
+    ext = _Reader(r.take(r.u16()))
+    sni, alpn, versions, ech = None, (), (), False
+    for _ in range(256):
+        if ext.left() < 4:
+            break
+        etype, data = ext.u16(), _Reader(ext.take(ext.u16()))
+        if etype == EXT_SNI and data.left():
+            names = _Reader(data.take(data.u16()))
+            while names.left() >= 3:
+                kind, name = names.u8(), names.take(names.u16())
+                if kind == 0:
+                    sni = name.decode("ascii", "replace").lower().rstrip(".")
+                    break
+        elif etype == EXT_ALPN and data.left():
+            protos = _Reader(data.take(data.u16()))
+            out = []
+            while protos.left() and len(out) < 32:
+                out.append(protos.take(protos.u8()).decode("ascii", "replace"))
+            alpn = tuple(out)
+        elif etype == EXT_VERSIONS and data.left():
+            vs = _Reader(data.take(data.u8()))
+            versions = tuple(vs.u16() for _ in range(vs.left() // 2))
+        elif etype == EXT_ECH:
+            ech = True
+    return ClientHello(sni or None, alpn, versions, ech)
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def take(self, n: int) -> bytes:
+        if n > self.left():
+            raise TLSError("field runs past its end")
+        self.pos += n
+        return self.data[self.pos - n:self.pos]
+
+    def skip(self, n: int) -> None:
+        self.take(n)
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int.from_bytes(self.take(2), "big")
+
+
+class Reassembly:
+    """The first MAX_HELLO bytes of one TCP client stream, put in order by sequence number.
+
+    `base` is the sequence number of the first data byte (SYN + 1), or the first data segment's
+    when the SYN was not seen (then only a segment that starts a TLS record may open the stream).
+    """
+
+    __slots__ = ("base", "data", "pending", "size")
+
+    def __init__(self, base: int | None = None):
+        self.base = base
+        self.data = bytearray()
+        self.pending: dict[int, bytes] = {}    # offset -> bytes beyond a gap
+        self.size = 0
+
+    def add(self, seq: int, payload: bytes) -> bytes:
+        """Add one segment; returns the contiguous stream so far."""
+        if not payload:
+            return bytes(self.data)
+        if self.base is None:
+            if not looks_like_tls(payload):
+                return bytes(self.data)
+            self.base = seq
+        offset = (seq - self.base) & 0xFFFFFFFF
+        if offset >= MAX_HELLO:
+            return bytes(self.data)             # retransmitted-before-base wraps high; beyond window
+        payload = payload[:MAX_HELLO - offset]
+        if offset > len(self.data):
+            if offset not in self.pending and len(self.pending) < 32 and self.size + len(payload) <= MAX_HELLO:
+                self.pending[offset] = payload
+                self.size += len(payload)
+            return bytes(self.data)
+        self._append(offset, payload)
+        for _ in range(len(self.pending)):
+            nxt = next((o for o in sorted(self.pending) if o <= len(self.data)), None)
+            if nxt is None:
+                break
+            chunk = self.pending.pop(nxt)
+            self.size -= len(chunk)
+            self._append(nxt, chunk)
+        return bytes(self.data)
+
+    def _append(self, offset: int, payload: bytes) -> None:
+        new = payload[len(self.data) - offset:]
+        if new:
+            self.data += new
+            self.size += len(new)

@@ -1,0 +1,74 @@
+"""exporters.packets: raw frame parsing (checked against frames scapy builds) and DNS readers."""
+import os
+import random
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from scapy.layers.inet import IP, TCP, UDP  # noqa: E402
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment  # noqa: E402
+from scapy.layers.l2 import Dot1Q, Ether  # noqa: E402
+
+from exporters.packets import LINKTYPE_RAW, dns_addresses, dns_question, parse  # noqa: E402
+from sidecar_frames import dns_answer, dns_query, frame, syn, tcp_data, udp  # noqa: E402
+
+
+@pytest.mark.parametrize("raw, want", [
+    (syn("10.1.0.10", "192.0.2.1", 443), ("10.1.0.10", "192.0.2.1", 6, 40000, 443, True, b"")),
+    (syn("fd00:1::10", "2001:db8::1", 853), ("fd00:1::10", "2001:db8::1", 6, 40000, 853, True, b"")),
+    (tcp_data("10.1.0.10", "192.0.2.1", 80, b"GET / HTTP/1.1\r\n"),
+     ("10.1.0.10", "192.0.2.1", 6, 40000, 80, False, b"GET / HTTP/1.1\r\n")),
+    (udp("10.1.0.10", "192.0.2.1", 53, b"abc"), ("10.1.0.10", "192.0.2.1", 17, 50000, 53, False, b"abc")),
+    (udp("fd00:1::10", "2001:db8::1", 443, b"\xc0xyz"), ("fd00:1::10", "2001:db8::1", 17, 50000, 443, False, b"\xc0xyz")),
+    # an 802.1Q tag, an IPv6 destination-options header, a first fragment
+    (bytes(Ether() / Dot1Q(vlan=5) / IP(src="10.1.0.1", dst="192.0.2.9") / UDP(sport=1, dport=53) / b"q"),
+     ("10.1.0.1", "192.0.2.9", 17, 1, 53, False, b"q")),
+    (bytes(Ether() / IPv6(src="fd00:1::1", dst="2001:db8::9") / IPv6ExtHdrDestOpt() / TCP(sport=5, dport=443, flags="S")),
+     ("fd00:1::1", "2001:db8::9", 6, 5, 443, True, b"")),
+    (bytes(Ether() / IPv6(src="fd00:1::1", dst="2001:db8::9") / IPv6ExtHdrFragment(offset=0, m=1)
+           / UDP(sport=7, dport=443) / b"abcd"), ("fd00:1::1", "2001:db8::9", 17, 7, 443, False, b"abcd")),
+])
+def test_headers_are_read_like_scapy_wrote_them(raw, want):
+    p = parse(raw, 1, 5.0)
+    assert (p.src_ip, p.dst_ip, p.proto, p.sport, p.dport, p.syn, p.payload) == want
+    assert p.time == 5.0
+
+
+def test_raw_ip_linktype_and_ethernet_trailer_padding():
+    raw = bytes(IP(src="10.1.0.1", dst="192.0.2.9") / UDP(sport=1, dport=53) / b"x")
+    assert parse(raw, LINKTYPE_RAW).payload == b"x"
+    padded = frame(IP(src="10.1.0.1", dst="192.0.2.9") / UDP(sport=1, dport=53) / b"x") + b"\x00" * 20
+    assert parse(padded).payload == b"x"          # the IP total length, not the frame, ends it
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"\x00" * 13, frame(b"\x45"),                              # too short
+    bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.2", frag=10) / UDP() / b"later fragment"),
+    bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.2", proto=1) / b"\x08\x00icmp"),
+    bytes(Ether(type=0x0806) / (b"\x00" * 28)),                      # ARP
+    frame(IP(src="10.0.0.1", dst="10.0.0.2") / TCP())[:40],          # truncated TCP header
+])
+def test_what_is_not_tcp_or_udp_is_none(raw):
+    assert parse(raw) is None
+
+
+def test_random_bytes_never_raise():
+    rng = random.Random(9001)
+    base = syn("10.1.0.10", "192.0.2.1", 443)
+    for _ in range(3000):
+        b = bytearray(base if rng.random() < 0.5 else rng.randbytes(rng.randrange(0, 90)))
+        for _ in range(rng.randrange(1, 6)):
+            if b:
+                b[rng.randrange(len(b))] = rng.randrange(256)
+        parse(bytes(b), rng.choice((1, 101, 113, 276)))
+
+
+def test_dns_question_and_answers():
+    assert dns_question(dns_query("Chat.Test.")) == "chat.test"
+    assert dns_question(b"\x00\x01") is None
+    reply = dns_answer("www.example.test", ["192.0.2.10", "2001:db8::10"], ttl=77)
+    assert dns_addresses(reply) == [(4, 0xC000020A, 77), (6, 0x20010DB8 << 96 | 0x10, 77)]
+    assert dns_addresses(dns_query("x.test")) == []                  # a query, not a response
+    assert dns_addresses(reply[:-3]) == [(4, 0xC000020A, 77)]        # truncated: what was readable
