@@ -98,8 +98,9 @@ class Bench:
             "unbound": lambda: Unbound(self.tmp, self.server_cpu, self.upstream.port, self.unbound_list, a.cache_size),
         }
         if self.workers_on and a.workers > 1:
+            # unpinned: N processes on one core would say nothing; they share both cores with dnsperf
             kinds[f"sinkhole-w{a.workers}"] = lambda: Sinkhole(
-                self.tmp, self.server_cpu, self.upstream.port, self.blocklists, a.cache_size,
+                self.tmp, None, self.upstream.port, self.blocklists, a.cache_size,
                 workers=a.workers, metrics=self.metrics_on)
         if a.nolog:
             kinds["sinkhole-nolog"] = lambda: Sinkhole(self.tmp, self.server_cpu, self.upstream.port, self.blocklists,

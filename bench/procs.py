@@ -312,11 +312,13 @@ class Sinkhole(Server):
                 break
             time.sleep(0.05)
         lines = 0
-        if self.querylog.exists():
-            with open(self.querylog, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    lines += chunk.count(b"\n")
-            os.truncate(self.querylog, 0)    # the writer appends (O_APPEND): it goes on at offset 0
+        # --workers: worker i > 0 writes NAME.workerI.EXT beside the main file
+        for path in [self.querylog, *self.querylog.parent.glob(f"{self.querylog.stem}.worker*{self.querylog.suffix}")]:
+            if path.exists():
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        lines += chunk.count(b"\n")
+                os.truncate(path, 0)        # the writer appends (O_APPEND): it goes on at offset 0
         return lines
 
 
