@@ -72,13 +72,19 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def rss_mib(pids: list[int], field: str = "VmRSS") -> float:
+    """Resident memory of these processes. Several processes (--workers: forked, sharing pages)
+    are summed as PSS, so shared pages count once; one process is its VmRSS (or VmHWM: the peak)."""
     total = 0
     for pid in pids:
         try:
+            if len(pids) > 1 and field == "VmRSS":
+                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+                total += next(int(l.split()[1]) for l in text.splitlines() if l.startswith("Pss:"))
+                continue
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith(field + ":"):
                     total += int(line.split()[1])
-        except OSError:
+        except (OSError, StopIteration):
             continue
     return total / 1024
 

@@ -8,8 +8,13 @@
 #   sh bench/run.sh --soak / --fuzz      also bench/soak.py / bench/fuzz.py when present
 set -eu
 cd "$(dirname "$0")/.."
-PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+# the project's virtualenv (made by `make`), or $PY, or python3
+if [ -z "${PY:-}" ]; then
+  PY=python3
+  [ -x .venv/bin/python ] && PY=.venv/bin/python
+fi
+"$PY" -c "import resolver.loader" 2>/dev/null || {
+  echo "bench: $PY cannot import the resolver (run \`make bench\`, which installs .venv, or set PY=)" >&2; exit 2; }
 
 PACKAGES="dnsperf dnsmasq-base unbound tshark tcpreplay util-linux"
 missing=""
