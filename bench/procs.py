@@ -180,15 +180,23 @@ class Server:
 
     def start(self, probe_name: str, deadline: float = 60.0) -> "Server":
         self._log = open(self.log, "ab")
+        self._log_from = self._log.tell()
         self.proc = subprocess.Popen(pinned(self.command(), self.cpu), stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         try:
-            self.ready_s = wait_ready("127.0.0.1", self.port, self.proc, deadline, probe_name)
+            start = time.monotonic()
+            self.wait_listening(deadline)
+            wait_ready("127.0.0.1", self.port, self.proc, deadline, probe_name)
+            self.ready_s = time.monotonic() - start
         except Exception as e:
             self.stop()
             tail = self.log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{self.name} did not start: {e}\n{tail}") from None
         return self
+
+    def wait_listening(self, deadline: float) -> None:
+        """Servers that say when they listen are waited for first: a probe alone could be answered
+        by another program that took the same port while this one was still loading."""
 
     def pids(self) -> list[int]:
         return tree(self.proc.pid) if self.proc and self.proc.poll() is None else []
@@ -305,6 +313,17 @@ class Sinkhole(Server):
         if self.workers > 1:
             cmd += ["--workers", str(self.workers)]
         return cmd
+
+    def wait_listening(self, deadline: float) -> None:
+        end = time.monotonic() + deadline
+        for _ in range(int(deadline / 0.05) + 1):
+            with open(self.log, "rb") as f:
+                f.seek(self._log_from)
+                if f"port {self.port} ".encode() in f.read() or self.proc.poll() is not None:
+                    return
+            if time.monotonic() > end:
+                raise TimeoutError(f"not listening on port {self.port} within {deadline} s")
+            time.sleep(0.05)
 
     def querylog_lines(self, settle: float = 0.3, deadline: float = 15.0) -> int:
         """Lines in the query log once the writer has caught up; then empties the file."""
