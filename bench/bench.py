@@ -217,8 +217,8 @@ class Bench:
         names = wl.blocked_names(n, a.seed + 1)
         out = {"names": n}
         blocklists = wl.write_blocklists(tmp / "blocklists", names)
-        lists = {"dnsmasq": wl.write_dnsmasq_list(tmp / "dnsmasq.conf", names),
-                 "unbound": wl.write_unbound_list(tmp / "unbound.conf", names)}
+        lists = {"dnsmasq": wl.write_dnsmasq_list(tmp / "dnsmasq-block.conf", names),
+                 "unbound": wl.write_unbound_list(tmp / "unbound-block.conf", names)}
         for name in a.servers:
             if name == "sinkhole":
                 server = Sinkhole(tmp, self.server_cpu, self.upstream.port, blocklists, a.cache_size,
