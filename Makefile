@@ -25,7 +25,7 @@ check: $(STAMP)
 	$(VENV)/bin/sinkhole check --strict blocklists
 
 bench: $(STAMP)
-	sh bench/run.sh
+	sh bench/run.sh $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
