@@ -62,16 +62,19 @@ def write_blocklists(directory: Path, names: list[str]) -> Path:
     NXDOMAIN, mobile (127.0.2.0/24) blocks nothing; anyone on 127.0.0.0/8 may ask."""
     services_dir = directory / "services"
     services_dir.mkdir(parents=True, exist_ok=True)
-    for old in services_dir.glob("*.yaml"):
+    for old in [*services_dir.glob("*.yaml"), *services_dir.glob("*.txt")]:
         old.unlink()
     services = []
     for part, start in enumerate(range(0, max(len(names), 1), ENTRIES_PER_FILE)):
         service = BLOCK_SERVICE if part == 0 else f"{BLOCK_SERVICE}-{part}"
         services.append(service)
+        # big lists go in plain-text list files (domain_lists), as a department would import them
+        with open(services_dir / f"{service}.txt", "w") as f:
+            f.writelines(f"{n}\n" for n in names[start:start + ENTRIES_PER_FILE])
         with open(services_dir / f"{service}.yaml", "w") as f:
             f.write(f"description: {len(names)} generated names for the benchmark (part {part})\n"
-                    "sources:\n  gen: bench/workload.py, generated\ndomains:\n")
-            f.writelines(f"  - {{name: {n}, source: gen}}\n" for n in names[start:start + ENTRIES_PER_FILE])
+                    "sources:\n  gen: bench/workload.py, generated\n"
+                    f"domain_lists:\n  - {{file: {service}.txt, source: gen}}\n")
     policy = {
         "groups": {
             "desktop": {"subnets": [DESKTOP_NET], "block": services, "response": "nxdomain"},

@@ -6,7 +6,9 @@ Every problem is reported with its `path:line`; a directory with any error yield
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -38,7 +40,10 @@ POLICY_KEYS = {"groups", "default_group", "allowed_clients", "exemptions", "bloc
                "exemption_ttl", "max_exemption_days"}
 GROUP_KEYS = {"description", "subnets", "block", "response", "block_ttl", "sinkhole"}
 EXEMPTION_KEYS = {"id", "clients", "services", "approved_by", "reason", "expires", "starts"}
-SERVICE_KEYS = {"description", "sources", "domains", "hosts", "patterns", "allow", "ip_ranges"}
+SERVICE_KEYS = {"description", "sources", "domains", "hosts", "patterns", "allow", "ip_ranges",
+                "domain_lists", "host_lists"}
+LIST_KEYS = {"domain_lists": "domain", "host_lists": "host"}     # plain-text files, one name a line
+_VALID_NAME = re.compile(r"(?=[a-z0-9_.-]{1,253}\Z)(?:(?!-)[a-z0-9_-]{1,63}(?<!-)\.)*(?!-)[a-z0-9_-]{1,63}(?<!-)\Z").match
 ENTRY_KEYS = {"domains": "name", "hosts": "name", "allow": "name", "patterns": "pattern",
               "ip_ranges": "cidr"}
 
@@ -125,7 +130,8 @@ def parse_time(value, report: _Report, line: int, what: str) -> float | None:
 
 # -- services ----------------------------------------------------------------------------------
 
-def load_service(path: Path, shown: str, problems: list[Problem]) -> tuple[Service | None, bytes]:
+def load_service(path: Path, shown: str, problems: list[Problem],
+                 root: Path | None = None) -> tuple[Service | None, bytes]:
     data, file_problems, raw = read_yaml(path, shown)
     problems.extend(file_problems)
     if file_problems:
@@ -204,6 +210,34 @@ def load_service(path: Path, shown: str, problems: list[Problem]) -> tuple[Servi
                 domains.append(value)
             elif kind == "allow":
                 allows.append((value, line))
+    for section, kind in LIST_KEYS.items():
+        entries = report.typed(data, section, list, "service", LocatedList())
+        for i, entry in enumerate(entries):
+            line = entries.line_of(i)
+            file, source = entry, None
+            if isinstance(entry, Located):
+                report.keys(entry, {"file", "source"}, f"a {section} entry")
+                file, source = entry.get("file"), entry.get("source")
+                if source is not None and source not in sources:
+                    report.error(entry.line_of("source"), f"source {source!r} is not listed under 'sources'")
+            if not isinstance(file, str) or not file.strip():
+                report.error(line, f"{section} entry needs a 'file' (a text file, one name a line)")
+                continue
+            if source is None:
+                report.warn(line, f"{section} entry {file!r} has no source recorded")
+            list_path = Path(os.path.normpath(path.parent / file))
+            if root is not None and not _inside(list_path, root):
+                report.error(line, f"{section}: {file!r} is outside the blocklists directory "
+                             "(changes there would not be reloaded)")
+                continue
+            names, list_raw = _read_list(list_path, _display(root, list_path), kind, name, problems, line, report)
+            raw += b"\0" + list_raw
+            for value, rule in names:
+                if seen.get((section, value)) is None:
+                    seen[(section, value)] = rule.line
+                    rules.append(rule)
+                    if kind == "domain":
+                        domains.append(value)
     for value, line in allows if not bad_domain else ():
         if not any(is_within(value, d) and value != d for d in domains):
             report.error(line, f"allow: {value!r} is not below any of this service's domains "
@@ -212,6 +246,48 @@ def load_service(path: Path, shown: str, problems: list[Problem]) -> tuple[Servi
         return None, raw
     return Service(name, description, tuple(rules), tuple(ranges),
                    tuple((k, str(v)) for k, v in sources.items()), f"{shown}:1"), raw
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _read_list(path: Path, shown: str, kind: str, service: str, problems: list[Problem], line: int,
+               owner: "_Report"):
+    """A plain-text list: one name a line, '#' starts a comment. Built for big lists: no YAML,
+    one regex per name, a Rule per name pointing at its own line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        owner.error(line, f"cannot read list {shown!r}: {e.strerror or e}")
+        return [], b""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        problems.append(Problem(shown, raw[: e.start].count(b"\n") + 1, "not valid UTF-8"))
+        return [], raw
+    out = []
+    seen: set[str] = set()
+    valid = _VALID_NAME
+    for number, entry in enumerate(text.split("\n"), 1):
+        if "#" in entry:
+            entry = entry.split("#", 1)[0]
+        entry = entry.strip()
+        if not entry:
+            continue
+        if not valid(entry):
+            problems.append(Problem(shown, number, name_problem(entry) or f"{entry!r} is not a valid name"))
+            continue
+        if entry in seen:
+            problems.append(Problem(shown, number, f"{entry!r} is listed twice"))
+            continue
+        seen.add(entry)
+        out.append((entry, Rule(service, kind, entry, shown, number)))
+    return out, raw
 
 
 def pattern_problem(pattern: str) -> str | None:
@@ -384,6 +460,19 @@ def _display(directory: Path, path: Path) -> str:
 
 
 def _build(directory: Path, now: float | None) -> tuple[Policy | None, list[Problem]]:
+    """Load with the cyclic garbage collector paused: a big list allocates millions of objects,
+    and the collections that would trigger cost time and, in a running server, stall queries
+    (the loader runs in a thread; a collection holds the interpreter)."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _build_unpaused(directory, now)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _build_unpaused(directory: Path, now: float | None) -> tuple[Policy | None, list[Problem]]:
     problems: list[Problem] = []
     directory = Path(directory)
     digest = hashlib.sha256()
@@ -395,7 +484,7 @@ def _build(directory: Path, now: float | None) -> tuple[Policy | None, list[Prob
     service_dir = directory / SERVICES_DIR
     files = sorted(service_dir.glob("*.yaml")) if service_dir.is_dir() else []
     for path in files:
-        service, raw = load_service(path, _display(directory, path), problems)
+        service, raw = load_service(path, _display(directory, path), problems, directory)
         services[path.name[:-5]] = service
         digest.update(path.name.encode() + b"\0" + raw + b"\0")
     for path in sorted(service_dir.glob("*.yml")) if service_dir.is_dir() else []:
