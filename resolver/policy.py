@@ -148,6 +148,8 @@ class Policy:
     allowed: dict[int, tuple[tuple[int, frozenset[int]], ...]]
     _clients: dict = field(default_factory=dict, repr=False)
     _decisions: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
+    _exempted: frozenset | None = field(default=None, repr=False)
 
     # -- clients -------------------------------------------------------------------------------
     def classify(self, client) -> tuple[Group | None, tuple[int, int]]:
@@ -165,6 +167,31 @@ class Policy:
         if isinstance(client, str):
             self._clients[client] = (group, key)
         return group, key
+
+    # -- memo of (group, query bytes) -> (parsed query, decision), for core.begin --------------
+    MEMO_MAX = 10000
+
+    def memo(self, group: str) -> dict:
+        """The per-group memo of this snapshot (it dies with the snapshot: a reload starts empty)."""
+        table = self._memo.get(group)
+        if table is None:
+            table = self._memo[group] = {}
+        elif len(table) >= self.MEMO_MAX:
+            table.clear()
+        return table
+
+    def timeless(self, decision: Decision) -> bool:
+        """True when the decision depends only on (group, name): no exemption applies now and none
+        in the policy names its service, so neither the clock nor the client can change it."""
+        if decision.exemption is not None or decision.action == "refuse":
+            return False
+        if decision.service is None:
+            return True
+        exempted = self._exempted
+        if exempted is None:
+            exempted = frozenset(s for ex in self.exemptions for s in ex.services)
+            object.__setattr__(self, "_exempted", exempted)
+        return decision.service not in exempted
 
     # -- names ---------------------------------------------------------------------------------
     def match(self, group: Group, qname: str) -> Rule | None:

@@ -1,0 +1,71 @@
+"""core.begin's memo: the same bytes from the same group skip parsing and deciding, but only for
+decisions no clock or client can change; every answer still carries its own query ID."""
+import dns.message
+import pytest
+
+from helpers import write_blocklists
+from resolver import core
+from resolver.cache import Cache
+from resolver.loader import load_policy
+
+SERVICES = {
+    "chat": {"description": "c", "sources": {"t": "t"}, "domains": [{"name": "chat.test", "source": "t"}]},
+    "drive": {"description": "d", "sources": {"t": "t"}, "domains": [{"name": "drive.test", "source": "t"}]},
+}
+POLICY = {
+    "groups": {"desktop": {"subnets": ["10.1.0.0/16"], "block": ["chat", "drive"]},
+               "mobile": {"subnets": ["10.2.0.0/16"], "block": []}},
+    "default_group": "mobile", "allowed_clients": ["10.0.0.0/8"],
+    "exemptions": [{"id": "EX-1", "clients": ["10.1.0.99"], "services": ["drive"], "approved_by": "head",
+                    "reason": "r", "starts": "2030-01-01T00:00:00+00:00", "expires": "2030-01-02T00:00:00+00:00"}],
+}
+IN_WINDOW = 1893456000 + 3600          # 2030-01-01T01:00Z
+
+
+@pytest.fixture
+def policy(tmp_path):
+    return load_policy(write_blocklists(tmp_path / "bl", POLICY, SERVICES))
+
+
+def wire(name, qid):
+    q = dns.message.make_query(name, "A")
+    q.id = qid
+    return q.to_wire()
+
+
+def test_same_bytes_new_id_each_answer_its_own(policy):
+    ctx = core.Context(Cache(100))
+    for qid in (1, 2, 65535):
+        reply, out = core.begin(wire("www.chat.test", qid), "10.1.0.5", policy, ctx, 0)
+        msg = dns.message.from_wire(reply)
+        assert msg.id == qid and msg.rcode() == 3 and out.service == "chat"
+    assert len(policy.memo("desktop")) == 1
+
+
+def test_a_service_with_an_exemption_is_never_memoised(policy):
+    ctx = core.Context(Cache(100))
+    before, _ = core.begin(wire("www.drive.test", 7), "10.1.0.99", policy, ctx, 0)
+    assert dns.message.from_wire(before).rcode() == 3               # before the window: blocked
+    step = core.begin(wire("www.drive.test", 8), "10.1.0.99", policy, ctx, IN_WINDOW)
+    assert isinstance(step, core.Forward) and step.decision.exemption.id == "EX-1"
+    assert policy.memo("desktop") == {}
+
+
+def test_groups_have_separate_memos(policy):
+    ctx = core.Context(Cache(100))
+    core.begin(wire("www.chat.test", 1), "10.1.0.5", policy, ctx, 0)
+    step = core.begin(wire("www.chat.test", 1), "10.2.0.5", policy, ctx, 0)
+    assert isinstance(step, core.Forward)                            # mobile: not the desktop's block
+
+
+def test_memo_is_bounded(policy):
+    ctx = core.Context(Cache(100))
+    for i in range(policy.MEMO_MAX + 5):
+        core.begin(wire(f"n{i}.chat.test", 1), "10.1.0.5", policy, ctx, 0)
+    assert len(policy.memo("desktop")) <= policy.MEMO_MAX
+
+
+def test_no_memo_when_ecs_can_name_the_client(policy):
+    ctx = core.Context(Cache(100), ecs_from=lambda client: True)
+    core.begin(wire("www.chat.test", 1), "10.1.0.5", policy, ctx, 0)
+    assert policy.memo("desktop") == {}
