@@ -84,8 +84,10 @@ class Exemption:
         return any(v == version and addr & mask == net for v, net, mask in self.networks)
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """What to do with one query. A tuple (untracked by the garbage collector when it holds no
+    exemption), built once per (group, rule) and shared."""
+
     action: str                       # forward | block | refuse
     group: str | None
     service: str | None = None
