@@ -5,8 +5,10 @@ Every problem is reported with its `path:line`; a directory with any error yield
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
+from array import array
 import hashlib
 import os
 import re
@@ -210,6 +212,8 @@ def load_service(path: Path, shown: str, problems: list[Problem],
                 domains.append(value)
             elif kind == "allow":
                 allows.append((value, line))
+    lists = []
+    allows_present = bool(allows)
     for section, kind in LIST_KEYS.items():
         entries = report.typed(data, section, list, "service", LocatedList())
         for i, entry in enumerate(entries):
@@ -230,14 +234,12 @@ def load_service(path: Path, shown: str, problems: list[Problem],
                 report.error(line, f"{section}: {file!r} is outside the blocklists directory "
                              "(changes there would not be reloaded)")
                 continue
-            names, list_raw = _read_list(list_path, _display(root, list_path), kind, name, problems, line, report)
+            shown_list = _display(root, list_path)
+            names, lines, list_raw = _read_list(list_path, shown_list, problems, line, report)
             raw += b"\0" + list_raw
-            for value, rule in names:
-                if seen.get((section, value)) is None:
-                    seen[(section, value)] = rule.line
-                    rules.append(rule)
-                    if kind == "domain":
-                        domains.append(value)
+            lists.append((kind, shown_list, names, lines))
+            if kind == "domain" and allows_present:
+                domains.extend(names)
     for value, line in allows if not bad_domain else ():
         if not any(is_within(value, d) and value != d for d in domains):
             report.error(line, f"allow: {value!r} is not below any of this service's domains "
@@ -245,7 +247,8 @@ def load_service(path: Path, shown: str, problems: list[Problem],
     if len(problems) > before and any(p.severity == "error" for p in problems[before:]):
         return None, raw
     return Service(name, description, tuple(rules), tuple(ranges),
-                   tuple((k, str(v)) for k, v in sources.items()), f"{shown}:1"), raw
+                   tuple((k, str(v)) for k, v in sources.items()), f"{shown}:1",
+                   sum(len(n) for _, _, n, _ in lists), tuple(lists)), raw
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -256,21 +259,21 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def _read_list(path: Path, shown: str, kind: str, service: str, problems: list[Problem], line: int,
-               owner: "_Report"):
+def _read_list(path: Path, shown: str, problems: list[Problem], line: int, owner: "_Report"):
     """A plain-text list: one name a line, '#' starts a comment. Built for big lists: no YAML,
-    one regex per name, a Rule per name pointing at its own line."""
+    one regex per name; returns (names, their line numbers, raw bytes)."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         owner.error(line, f"cannot read list {shown!r}: {e.strerror or e}")
-        return [], b""
+        return [], array("I"), b""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         problems.append(Problem(shown, raw[: e.start].count(b"\n") + 1, "not valid UTF-8"))
-        return [], raw
-    out = []
+        return [], array("I"), raw
+    names: list[str] = []
+    lines = array("I")
     seen: set[str] = set()
     valid = _VALID_NAME
     for number, entry in enumerate(text.split("\n"), 1):
@@ -286,8 +289,9 @@ def _read_list(path: Path, shown: str, kind: str, service: str, problems: list[P
             problems.append(Problem(shown, number, f"{entry!r} is listed twice"))
             continue
         seen.add(entry)
-        out.append((entry, Rule(service, kind, entry, shown, number)))
-    return out, raw
+        names.append(entry)
+        lines.append(number)
+    return names, lines, raw
 
 
 def pattern_problem(pattern: str) -> str | None:
@@ -541,24 +545,41 @@ def compile_policy(revision, groups, default_group, allowed, services, exemption
         all_rules += [Rule(ENCRYPTED_DNS, kind, name, why, 0, response)
                       for name, kind, response, why in BUILT_INS]
     all_rules += [r for s in services.values() for r in s.rules]
+    lists = []
+    for service in services.values():
+        for kind, path, list_names, lines in service.lists:
+            base = len(lists) << 32
+            lists.append((service.name, kind, path))
+            for name, line in zip(list_names, lines):
+                existing = names.get(name)
+                if existing is None:
+                    names[name] = base | line         # one int, not a Rule (see Policy.rules_at)
+                else:                                 # rare: the name has other rules too
+                    rule = Rule(service.name, kind, name, path, line)
+                    all_rules.append(rule)
     for rule in all_rules:
         if rule.kind == "pattern":
             patterns.setdefault(rule.service, []).append((rule, re.compile(rule.text)))
             continue
         existing = names.get(rule.text)
+        if existing.__class__ is int:
+            service, kind, path = lists[existing >> 32]
+            existing = (Rule(service, kind, rule.text, path, existing & 0xFFFFFFFF),)
         if existing is None:
             names[rule.text] = (rule,)
-        elif rule.kind == "allow":
-            names[rule.text] = (rule,) + existing   # allow first: it carves before its twin blocks
+        elif rule.kind == "allow" or rule.response is not None:     # response: only built-ins have one
+            # allow first: it carves before its twin blocks; built-ins first: nothing overrides them
+            names[rule.text] = (rule,) + existing
         else:
             names[rule.text] = existing + (rule,)
 
     def table(t):
         return {v: tuple(sorted(t[v].items(), reverse=True)) for v in (4, 6)}
 
+    services = {k: dataclasses.replace(v, lists=()) for k, v in services.items()}   # the lists are in `names` now
     return Policy(revision, groups, default_group, allowed, services, exemptions, settings,
                   names, {k: tuple(v) for k, v in patterns.items()}, table(subnet_table),
-                  table(allowed_table))
+                  table(allowed_table), tuple(lists))
 
 
 def check_directory(directory, now: float | None = None) -> list[Problem]:

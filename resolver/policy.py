@@ -48,9 +48,11 @@ class Service:
     ip_ranges: tuple[IPRange, ...]
     sources: tuple[tuple[str, str], ...]
     origin: str
+    listed: int = 0               # names from plain-text lists (domain_lists, host_lists)
+    lists: tuple = field(default=(), repr=False, compare=False)   # (kind, path, names, lines) until compiled
 
     def entries(self) -> int:
-        return len(self.rules) + len(self.ip_ranges)
+        return len(self.rules) + self.listed + len(self.ip_ranges)
 
 
 @dataclass(frozen=True)
@@ -144,10 +146,11 @@ class Policy:
     exemptions: tuple[Exemption, ...]
     settings: Settings
     # compiled lookups
-    names: dict[str, tuple[Rule, ...]]
+    names: dict[str, tuple[Rule, ...] | int]     # an int: one entry of a plain-text list (see rules_at)
     patterns: dict[str, tuple[tuple[Rule, re.Pattern], ...]]
     subnets: dict[int, tuple[tuple[int, dict[int, str]], ...]]
     allowed: dict[int, tuple[tuple[int, frozenset[int]], ...]]
+    lists: tuple[tuple[str, str, str], ...] = ()    # (service, kind, path) of each plain-text list
     _clients: dict = field(default_factory=dict, repr=False)
     _decisions: dict = field(default_factory=dict, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
@@ -226,6 +229,8 @@ class Policy:
         while True:
             rules = names.get(name)
             if rules is not None:
+                if rules.__class__ is int:
+                    rules = (self._listed_rule(rules, name),)
                 for rule in rules:
                     if rule.service not in block or rule.service in carved:
                         continue
@@ -237,6 +242,22 @@ class Policy:
             if dot < 0:
                 return None, carved
             name = name[dot + 1:]
+
+    # A name from a plain-text list is stored as one int, (list index << 32) | line, not as a Rule:
+    # a million names then cost the name and a dict slot, and the Rule is made when one matches.
+    def _listed_rule(self, handle: int, name: str) -> Rule:
+        service, kind, path = self.lists[handle >> 32]
+        return Rule(service, kind, name, path, handle & 0xFFFFFFFF)
+
+    def rules_at(self, name: str) -> tuple[Rule, ...]:
+        """Every rule written for exactly this name."""
+        rules = self.names.get(name, ())
+        return (self._listed_rule(rules, name),) if rules.__class__ is int else rules
+
+    def name_rules(self):
+        """(name, rules) for every name in the table (exports walk this)."""
+        for name, rules in self.names.items():
+            yield name, ((self._listed_rule(rules, name),) if rules.__class__ is int else rules)
 
     def exemption_for(self, key: tuple[int, int], service: str, now: float) -> Exemption | None:
         version, addr = key
@@ -290,11 +311,11 @@ def decide(policy: Policy, client, qname: str, now: float) -> Decision:
         cap = max(0, min(policy.settings.exemption_ttl, int(exemption.expires - now)))
         return Decision("forward", group.name, rule.service, rule, ttl=cap, exemption=exemption)
     # a block depends only on (group, rule): build each Decision once per snapshot
-    decision = decisions.get((group.name, id(rule)))      # rules live as long as the policy
+    decision = decisions.get((group.name, rule))
     if decision is None:
         if len(decisions) > 65536:
             decisions.clear()
-        decision = decisions[(group.name, id(rule))] = Decision(
+        decision = decisions[(group.name, rule)] = Decision(
             "block", group.name, rule.service, rule, response=rule.response or group.response,
             ttl=group.block_ttl)
     return decision

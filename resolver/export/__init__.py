@@ -130,7 +130,7 @@ def zone_names(policy: Policy, cls: ClientClass) -> list[tuple[str, bool]]:
     """The names whose answer a zone for `cls` must state: (name, its subtree changes too), for
     every name with a rule of a service the class's group blocks. A `host` changes only the name."""
     out = []
-    for name, rules in policy.names.items():
+    for name, rules in policy.name_rules():
         mine = [r for r in rules if r.service in cls.group.block]
         if mine:
             out.append((name, any(r.kind != "host" for r in mine)))

@@ -44,7 +44,7 @@ def module(policy: Policy, now: float) -> str:
     classes = client_classes(policy, now)
     data = {
         "revision": policy.revision,
-        "names": {name: [[r.service, r.kind, r.response] for r in rules] for name, rules in policy.names.items()},
+        "names": {name: [[r.service, r.kind, r.response] for r in rules] for name, rules in policy.name_rules()},
         "patterns": {s: [rule.text for rule, _ in compiled] for s, compiled in policy.patterns.items()},
         "classes": {c.name: {"block": sorted(c.group.block), "exempt": sorted(c.exempt_services),
                              "response": c.group.response, "ttl": c.group.block_ttl,

@@ -70,3 +70,30 @@ def test_non_utf8_list(tmp_path):
     (root / "services" / "l.txt").write_bytes(b"ok.test\n\xff\xfe.test\n")
     problems = check_directory(root)
     assert [(p.line, p.message) for p in problems] == [(2, "not valid UTF-8")]
+
+
+def test_list_names_meet_yaml_rules_and_built_ins(tmp_path):
+    """A listed name that also has YAML rules (another service, an allow, a built-in) behaves as
+    if every rule were written in YAML; the built-in answer still wins."""
+    root = tmp_path / "bl"
+    (root / "services").mkdir(parents=True)
+    policy = {"groups": {"desktop": {"subnets": ["10.1.0.0/16"], "block": ["big", "encrypted-dns"],
+                                     "response": "null"}},
+              "default_group": "desktop", "allowed_clients": ["10.0.0.0/8"]}
+    (root / "policy.yaml").write_text(yaml.safe_dump(policy))
+    (root / "services" / "big.yaml").write_text(yaml.safe_dump(
+        {"description": "d", "sources": {"p": "p"}, "domain_lists": [{"file": "big.txt", "source": "p"}],
+         "allow": [{"name": "ok.both.test", "source": "p"}]}))
+    (root / "services" / "big.txt").write_text("both.test\nuse-application-dns.net\n")
+    (root / "services" / "encrypted-dns.yaml").write_text(yaml.safe_dump(
+        {"description": "d", "sources": {"p": "p"}, "domains": [{"name": "both.test", "source": "p"}],
+         "domain_lists": [{"file": "doh.txt", "source": "p"}]}))
+    (root / "services" / "doh.txt").write_text("doh.example.test\n")
+    policy = load_policy(root)
+    canary = decide(policy, "10.1.0.5", "use-application-dns.net", 0)
+    assert canary.response == "nxdomain" and canary.rule.path.startswith("built-in")   # not the group's null
+    assert {r.service for r in policy.rules_at("both.test")} == {"big", "encrypted-dns"}
+    carved = decide(policy, "10.1.0.5", "ok.both.test", 0)
+    assert (carved.action, carved.service) == ("block", "encrypted-dns")        # allow carves only "big"
+    assert decide(policy, "10.1.0.5", "x.doh.example.test", 0).rule.origin.endswith("doh.txt:1")
+    assert policy.services["big"].entries() == 3 and policy.services["encrypted-dns"].entries() == 2
