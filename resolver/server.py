@@ -371,7 +371,8 @@ class Server:
                 log.warning("%s", problem)
             old = self.policy
             self.policy = policy                 # the swap: one reference
-            gc.freeze()                          # see start()
+            # No gc.freeze() here (unlike start()): it would also freeze whatever cyclic garbage
+            # the running server has at that moment, a leak per reload (the soak showed it).
             self.fingerprint = seen
             self.reload_failing = False
             self.last_reload_ok = self.clock()
