@@ -177,13 +177,7 @@ class Sinkhole:
             return sum(text in l for l in self.lines)
 
     def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)                 # SIGTERM: the server drains and exits
 
     @property
     def host(self) -> str:
