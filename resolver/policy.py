@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -182,7 +183,7 @@ class Policy:
         if table is None:
             table = self._memo[group] = {}
         elif len(table) >= self.MEMO_MAX:
-            table.clear()
+            forget_oldest(table)
         return table
 
     def timeless(self, decision: Decision) -> bool:
@@ -293,6 +294,13 @@ def _lpm(table, addr: int, version: int):
 REFUSE = Decision("refuse", None)
 
 
+def forget_oldest(table: dict, count: int = 256) -> None:
+    """Make room in a bounded memo by dropping its oldest entries (dicts keep insertion order):
+    a few at a time, so no single query pays for freeing the whole table."""
+    for key in list(itertools.islice(table, count)):
+        del table[key]
+
+
 def decide(policy: Policy, client, qname: str, now: float) -> Decision:
     """What to do with a query for `qname` (normalised: lower case, no trailing dot) from `client`."""
     group, key = policy.classify(client)
@@ -314,7 +322,7 @@ def decide(policy: Policy, client, qname: str, now: float) -> Decision:
     decision = decisions.get((group.name, rule))
     if decision is None:
         if len(decisions) > 65536:
-            decisions.clear()
+            forget_oldest(decisions)
         decision = decisions[(group.name, rule)] = Decision(
             "block", group.name, rule.service, rule, response=rule.response or group.response,
             ttl=group.block_ttl)
