@@ -26,8 +26,8 @@ sys.path.insert(0, str(HERE))
 
 import dnsperf  # noqa: E402
 import workload as wl  # noqa: E402
-from procs import (ROOT, Dnsmasq, Sinkhole, Unbound, Upstream, metrics_available, pinning,  # noqa: E402
-                   probe, quiet_gate, rss_mib, wait_ready, workers_supported)
+from procs import (Dnsmasq, Sinkhole, Unbound, Upstream, metrics_available, pinning,  # noqa: E402
+                   probe, quiet_gate, rss_mib, workers_supported)
 
 SERVER_CPU, CLIENT_CPU = 1, 0
 LATENCY_QPS = 10_000

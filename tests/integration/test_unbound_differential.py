@@ -17,7 +17,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from helpers import stop_process, Dnsmasq, PyUpstream, Sinkhole, ask, free_port, have, wait_for_answer, write_blocklists
+from helpers import TEST_SERVICES, stop_process, Dnsmasq, PyUpstream, Sinkhole, ask, free_port, have, wait_for_answer, write_blocklists
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (have("dnsmasq") and have("unbound")),
@@ -28,12 +28,7 @@ pytestmark = [pytest.mark.integration,
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
 SERVICES = {
-    "chat": {"description": "chat", "sources": {"t": "test"},
-             "domains": [{"name": "chat.test", "source": "t"}, {"name": "chat-cdn.test", "source": "t"}],
-             "hosts": [{"name": "exact.other.test", "source": "t"}],
-             "patterns": [{"pattern": r"file-[0-9a-z]+\.files\.test", "source": "t"}],
-             "allow": [{"name": "help.chat.test", "source": "t"}],
-             "ip_ranges": [{"cidr": "198.51.100.0/24", "source": "t"}]},
+    "chat": TEST_SERVICES["chat"],          # domains, a host, a pattern, an allow
     "cdn": {"description": "a service that lists a name chat carves out", "sources": {"t": "test"},
             "domains": [{"name": "help.chat.test", "source": "t"}]},
     "encrypted-dns": {"description": "DoH", "sources": {"t": "test"},

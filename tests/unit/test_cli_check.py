@@ -54,7 +54,7 @@ def test_broken_directory(tmp_path, case, file, old, new, line, words):
 
 
 def test_paths_are_relative_to_where_check_runs(tmp_path):
-    root = break_dir(tmp_path / "bl", "policy.yaml", "block: [chat]", "block: [chats]")
+    break_dir(tmp_path / "bl", "policy.yaml", "block: [chat]", "block: [chats]")
     result = check("bl", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stdout.startswith("bl/policy.yaml:4: group 'desktop': unknown service 'chats'")

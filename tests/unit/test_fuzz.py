@@ -26,7 +26,7 @@ from helpers import TEST_POLICY, TEST_SERVICES, write_blocklists
 from resolver import core
 from resolver.cache import Cache
 from resolver.loader import PolicyError, load_policy
-from resolver.wire import QR, WireError, build_reply, parse_query, parse_reply
+from resolver.wire import WireError, build_reply, parse_query, parse_reply
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,

@@ -21,7 +21,7 @@ from exporters.capture import CaptureError, read_pcap  # noqa: E402
 from exporters.detectors import DETECTORS  # noqa: E402
 from exporters.sidecar import DONE, Engine  # noqa: E402
 from helpers import ROOT  # noqa: E402
-from sidecar_frames import (DESKTOP, RESOLVER, WEB_IP, dns_answer, engine, frame, tcp_data, udp,  # noqa: E402
+from sidecar_frames import (DESKTOP, RESOLVER, WEB_IP, dns_answer, engine, frame, udp,  # noqa: E402
                             write_policy)
 from test_sidecar_detectors import CASES  # noqa: E402
 
