@@ -6,6 +6,7 @@ outside allowed_clients; it runs twice in an order that would expose an answer c
 group being served to another. BIND's zones for the same policy pass named-checkzone."""
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.integration,
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
 SERVICES = {
-    "chat": TEST_SERVICES["chat"],          # domains, a host, a pattern, an allow
+    "chat": copy.deepcopy(TEST_SERVICES["chat"]),   # a copy: the corpus below adds hosts to it
     "cdn": {"description": "a service that lists a name chat carves out", "sources": {"t": "test"},
             "domains": [{"name": "help.chat.test", "source": "t"}]},
     "encrypted-dns": {"description": "DoH", "sources": {"t": "test"},
