@@ -24,8 +24,8 @@ class Cache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: bytes, now: float) -> tuple[Reply, int] | None:
-        """(reply, age in whole seconds) for a fresh entry, or None."""
+    def get(self, key: bytes, now: float) -> tuple[Reply, int, float] | None:
+        """(reply, age in whole seconds, until when that age holds) for a fresh entry, or None."""
         self.requests += 1
         entry = self._entries.get(key)
         if entry is None:
@@ -37,7 +37,8 @@ class Cache:
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        return reply, int(now - stored)
+        age = int(now - stored)
+        return reply, age, min(stored + age + 1, expires)
 
     def get_stale(self, key: bytes, now: float) -> Reply | None:
         """An expired answer still inside the serve-stale window (used only when upstreams fail)."""

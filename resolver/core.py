@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+FOREVER = float("inf")           # reusable for the life of the policy snapshot
+
 from .cache import Cache
 from .policy import Decision, Policy, decide
 from .wire import (ANY, AXFR, IN, IXFR, REFUSED, SERVFAIL, EdnsVersionError, Query,
@@ -29,6 +31,8 @@ class Outcome:
     exemption: str | None = None
     client: str | None = None    # the address policy used (the ECS address behind a forwarder)
     udp_limit: int = 512         # the largest UDP answer this client accepts
+    reuse_until: float = 0.0     # until when the same bytes (but the ID) from the same group may get
+                                 # the same answer and Outcome (see Policy.answers); 0: never
 
 
 @dataclass(slots=True)
@@ -53,14 +57,14 @@ def begin(data: bytes, client: str, policy: Policy, ctx: Context, now: float):
     # 1. Who is asking: clients outside allowed_clients get REFUSED (or nothing, if the packet is
     #    not even a query), so this is never an open resolver or a reflector.
     group, _ = policy.classify(client)
-    # 2. The same bytes (all but the ID) from the same group, already parsed and decided in this
-    #    snapshot by a decision neither the clock nor the client can change: skip 3 to 5.
+    # 2. The same bytes (all but the ID) from the same group, already parsed and found to forward
+    #    (no rule applies) in this snapshot: skip 3 to 5. (Finished answers that can be reused,
+    #    blocks among them, are kept by the server: Outcome.reuse_until, Policy.remember.)
     memo = policy.memo(group.name) if group is not None and ctx.ecs_from is None else None
     seen = memo.get(data[2:]) if memo is not None else None
     if seen is not None:
-        query, decision = seen
-        query = Query((data[0] << 8) | data[1], query.flags, query.qname, query.question, query.key,
-                      query.qtype, query.qclass, query.edns, query.do, query.ecs)
+        query = Query((data[0] << 8) | data[1], *seen)
+        decision = policy.forward(group.name)
     else:
         # 3. Parse. Malformed input gets FORMERR/NOTIMP, or is dropped when no answer is safe.
         try:
@@ -79,8 +83,9 @@ def begin(data: bytes, client: str, policy: Policy, ctx: Context, now: float):
                 client = address
         # 5. Policy.
         decision = decide(policy, client, query.qname, now)
-        if memo is not None and policy.timeless(decision):
-            memo[data[2:]] = (query, decision)
+        if memo is not None and decision.rule is None and decision.action == "forward":
+            memo[data[2:]] = tuple(query)[1:]   # a plain tuple of plain values: the collector
+                                                # stops tracking it (a NamedTuple it never would)
     if decision.action == "refuse":
         return error_reply(query, REFUSED), Outcome("refused", None, query.qname, query.qtype, REFUSED,
                                                     client=client, udp_limit=query.max_udp)
@@ -88,24 +93,32 @@ def begin(data: bytes, client: str, policy: Policy, ctx: Context, now: float):
                   decision.rule.origin if decision.rule else None,
                   decision.exemption.id if decision.exemption else None, client, query.max_udp)
     # 6. Only IN-class queries, no zone transfers: there is nothing else to serve.
+    reusable = memo is not None and policy.timeless(decision)
     if query.qclass != IN or query.qtype in (AXFR, IXFR):
         out.action, out.rcode = "refused", REFUSED
+        out.reuse_until = FOREVER if reusable else 0.0
         return error_reply(query, REFUSED), out
     # 7. Policy before the cache: a blocked name never reaches the cache or the upstream, and the
     #    block answers every query type.
     if decision.action == "block":
         reply = block_reply(query, decision.response, decision.ttl, *_sinkhole(policy, decision))
         out.rcode = reply[3] & 0xF
+        out.reuse_until = FOREVER if reusable else 0.0
         return reply, out
     # 8. ANY gets the RFC 8482 minimal answer: no amplification.
     if query.qtype == ANY:
         out.action = "local"
+        out.reuse_until = FOREVER if reusable else 0.0
         return hinfo_reply(query), out
     # 9. The cache: upstream answers only, shared by all groups.
+    #    The answer may be reused until its TTLs would tick down (whole seconds), if no exemption can
+    #    change it: neither for the name nor for any name its CNAME chain passes through.
     hit = ctx.cache.get(query.key, now)
     if hit is not None:
-        reply, age = hit
-        checked = _recheck_cnames(policy, client, reply, query, decision, now, out)
+        reply, age, until = hit
+        checked, timeless = _recheck_cnames(policy, client, reply, query, decision, now, out)
+        if reusable and timeless:
+            out.reuse_until = until
         if checked is not None:
             return checked, out
         out.action, out.rcode = "cached", reply.rcode
@@ -126,14 +139,14 @@ def finish(fwd: Forward, reply: Reply | None, policy: Policy, ctx: Context, now:
         if stale is None:
             out.action, out.rcode = "error", SERVFAIL
             return error_reply(query, SERVFAIL), out
-        checked = _recheck_cnames(policy, fwd.client, stale, query, decision, now, out)
+        checked, _ = _recheck_cnames(policy, fwd.client, stale, query, decision, now, out)
         if checked is not None:
             return checked, out
         out.action, out.rcode = "stale", stale.rcode
         return build_reply(query, stale, 0, 30), out
     ctx.cache.put(query.key, reply, now)
     # CNAME cloaking: the chain of an allowed name may end in a blocked one.
-    checked = _recheck_cnames(policy, fwd.client, reply, query, decision, now, out)
+    checked, _ = _recheck_cnames(policy, fwd.client, reply, query, decision, now, out)
     if checked is not None:
         return checked, out
     out.rcode = reply.rcode
@@ -141,15 +154,18 @@ def finish(fwd: Forward, reply: Reply | None, policy: Policy, ctx: Context, now:
 
 
 def _recheck_cnames(policy, client, reply: Reply, query: Query, decision: Decision, now, out: Outcome):
+    """-> (block answer or None, whether every decision on the way was timeless)."""
+    timeless = True
     for target in reply.cnames:
         second = decide(policy, client, target, now)
+        timeless = timeless and policy.timeless(second)
         if second.action == "block":
             out.action, out.service = "blocked", second.service
             out.rule = second.rule.origin if second.rule else None
             answer = block_reply(query, second.response, second.ttl, *_sinkhole(policy, second))
             out.rcode = answer[3] & 0xF
-            return answer
-    return None
+            return answer, timeless
+    return None, timeless
 
 
 def _sinkhole(policy: Policy, decision: Decision):

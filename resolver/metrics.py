@@ -1,8 +1,9 @@
 """The resolver's Prometheus metrics: the observer the server calls (observe.py), and the gauges read
 from the server at scrape time. Served on `metrics: {listen: host:port}` with /healthz.
 
-Per query the cost is a few plain dict increments keyed by label tuples (no prometheus-client
-child, no lock): the counts become metric families only when Prometheus scrapes. What the
+Per query the cost is one plain dict increment keyed by the query's signature (group, qtype,
+action, rcode, service) and one histogram bucket (no prometheus-client child, no lock): the counts
+become metric families only when Prometheus scrapes. What the
 server already counts (cache size and hits, policy entries, exemptions, query-log drops) is read
 when Prometheus scrapes, not pushed per query. Labels come only from small known sets (see
 exposition.LABELS); client addresses and query names never do: they belong to the query log.
@@ -76,6 +77,7 @@ class PrometheusObserver:
         Info("sinkhole_build", "The resolver's version.", registry=registry).info(
             {"version": __version__, "python_version": platform.python_version()})
         self._drops = {r: self.drops.labels(r) for r in DROP_REASONS}
+        self._signatures: dict[tuple, tuple] = {}
         self._upstreams: dict[str, tuple] = {}
         self._add_group(NO_GROUP, ())
         self.gauges = _ServerGauges(self)
@@ -111,26 +113,27 @@ class PrometheusObserver:
         return child
 
     # -- the observer interface ------------------------------------------------------------------
-    def query(self, outcome, duration: float) -> None:
-        # plain dict increments: no lock and no object per query (the scrape builds the families)
-        hot = self.hot
-        group = outcome.group or NO_GROUP
-        key = (group, QTYPES.get(outcome.qtype, "other"))
-        counts = hot.queries
-        counts[key] = counts.get(key, 0) + 1
-        action = outcome.action
+    def signature(self, outcome) -> tuple:
+        """What the counters need to know of an Outcome, as one shared tuple of strings (a server
+        may keep it with a reusable answer and count that answer again with count())."""
+        service = outcome.service if outcome.action == "blocked" else None
+        sig = (outcome.group or NO_GROUP, QTYPES.get(outcome.qtype, "other"), outcome.action,
+               RCODES.get(outcome.rcode, "other"), service)
+        return self._signatures.setdefault(sig, sig)
+
+    def count(self, sig: tuple, duration: float) -> None:
+        # one plain dict increment: no lock and no object per query (the scrape builds the families)
+        counts = self.hot.signatures
+        counts[sig] = counts.get(sig, 0) + 1
+        action = sig[2]
         if action == "dropped":
             return                      # no answer: counted by dropped()
-        key = (group, action, RCODES.get(outcome.rcode, "other"))
-        counts = hot.responses
-        counts[key] = counts.get(key, 0) + 1
-        if action == "blocked":
-            key = (group, outcome.service)
-            counts = hot.blocked
-            counts[key] = counts.get(key, 0) + 1
-        buckets = hot.duration.get(action) or hot.new_action(action)
+        buckets = self.hot.duration.get(action) or self.hot.new_action(action)
         buckets[bisect_left(QUERY_BUCKETS, duration)] += 1
         buckets[-1] += duration
+
+    def query(self, outcome, duration: float) -> None:
+        self.count(self.signature(outcome), duration)
 
     def upstream(self, upstream: str, seconds: float, ok: bool) -> None:
         children = self._upstreams.get(upstream) or self._add_upstream(upstream)
@@ -185,6 +188,7 @@ class _HotCounts:
         self.queries: dict[tuple[str, str], int] = {}
         self.responses: dict[tuple[str, str, str], int] = {}
         self.blocked: dict[tuple[str, str], int] = {}
+        self.signatures: dict[tuple, int] = {}  # (group, qtype, action, rcode, service) -> count
         self.duration: dict[str, list] = {}     # action -> [count per bucket ..., +Inf, sum]
         for action in ACTIONS:
             self.new_action(action)
@@ -199,16 +203,29 @@ class _HotCounts:
     def collect(self):
         return self._families(True)
 
+    def totals(self) -> tuple[dict, dict, dict]:
+        """The three counter tables: the pre-initialised zeros plus what the signatures counted."""
+        queries, responses, blocked = dict(self.queries), dict(self.responses), dict(self.blocked)
+        for (group, qtype, action, rcode, service), n in dict(self.signatures).items():
+            queries[(group, qtype)] = queries.get((group, qtype), 0) + n
+            if action == "dropped":
+                continue
+            responses[(group, action, rcode)] = responses.get((group, action, rcode), 0) + n
+            if action == "blocked":
+                blocked[(group, service)] = blocked.get((group, service), 0) + n
+        return queries, responses, blocked
+
     def _families(self, samples: bool):
+        queries, responses, blocked = self.totals() if samples else ({}, {}, {})
         specs = (("sinkhole_dns_queries", "DNS queries received, by client group and query type.",
-                  ["group", "qtype"], self.queries),
+                  ["group", "qtype"], queries),
                  ("sinkhole_dns_responses", "DNS answers sent, by client group, what the resolver did "
-                  "(action) and response code.", ["group", "action", "rcode"], self.responses),
+                  "(action) and response code.", ["group", "action", "rcode"], responses),
                  ("sinkhole_dns_blocked", "Queries answered by a block, by client group and service.",
-                  ["group", "service"], self.blocked))
+                  ["group", "service"], blocked))
         for name, doc, labels, counts in specs:
             family = CounterMetricFamily(name, doc, labels=labels)
-            for key, value in (sorted(dict(counts).items()) if samples else ()):
+            for key, value in (sorted(counts.items()) if samples else ()):
                 family.add_metric(list(key), value)
             yield family
         family = HistogramMetricFamily("sinkhole_dns_request_duration_seconds", "Time from receiving a "

@@ -9,7 +9,16 @@ class Quiet:
     """The do-nothing observer."""
 
     def query(self, outcome, duration: float) -> None:
-        """One query answered (or dropped): its Outcome and how long it took, in seconds."""
+        """One query answered (or dropped): its Outcome and how long it took, in seconds.
+        The same as count(signature(outcome), duration)."""
+
+    def signature(self, outcome):
+        """What this observer counts of an Outcome, as an immutable value: the server keeps it with
+        an answer it reuses, and counts each reuse with count()."""
+        return None
+
+    def count(self, signature, duration: float) -> None:
+        """One query answered with an Outcome of this signature, taking `duration` seconds."""
 
     def upstream(self, upstream: str, seconds: float, ok: bool) -> None:
         """One attempt at one upstream."""

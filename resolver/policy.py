@@ -16,8 +16,9 @@ ENCRYPTED_DNS = "encrypted-dns"
 
 
 class Rule(NamedTuple):
-    """One catalog entry that can decide a name. A tuple of strings and ints, so the garbage
-    collector stops tracking it: a million rules cost no time in collections."""
+    """One catalog entry that can decide a name. (A NamedTuple stays tracked by the garbage
+    collector, unlike a plain tuple: the rules the loader builds are frozen out of its way at start,
+    and rules made at query time, ListedRule, are never kept.)"""
 
     service: str
     kind: str                 # domain | host | pattern | allow | built-in
@@ -32,6 +33,12 @@ class Rule(NamedTuple):
 
     def describe(self) -> str:
         return f"{self.kind} {self.text}"
+
+
+class ListedRule(Rule):
+    """A rule made when a name from a plain-text list matches (see Policy._listed_rule)."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,8 @@ class Exemption:
 
 
 class Decision(NamedTuple):
-    """What to do with one query. A tuple (untracked by the garbage collector when it holds no
-    exemption), built once per (group, rule) and shared."""
+    """What to do with one query. Built once per (group, rule) and shared, except for the rules of
+    plain-text lists (one per name: kept, they would only fill the collector's old generation)."""
 
     action: str                       # forward | block | refuse
     group: str | None
@@ -155,6 +162,8 @@ class Policy:
     _clients: dict = field(default_factory=dict, repr=False)
     _decisions: dict = field(default_factory=dict, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
+    _answers: dict = field(default_factory=dict, repr=False)
+    answer_tables: dict = field(default_factory=dict, repr=False)   # client -> its group's answers
     _exempted: frozenset | None = field(default=None, repr=False)
 
     # -- clients -------------------------------------------------------------------------------
@@ -174,7 +183,7 @@ class Policy:
             self._clients[client] = (group, key)
         return group, key
 
-    # -- memo of (group, query bytes) -> (parsed query, decision), for core.begin --------------
+    # -- memo of (group, query bytes) -> parsed query that no rule matches, for core.begin ------
     MEMO_MAX = 10000
 
     def memo(self, group: str) -> dict:
@@ -185,6 +194,33 @@ class Policy:
         elif len(table) >= self.MEMO_MAX:
             forget_oldest(table)
         return table
+
+    def forward(self, group: str) -> Decision:
+        """The group's decision for a name no rule matches (one shared object per group)."""
+        decision = self._decisions.get(group)
+        if decision is None:
+            decision = self._decisions[group] = Decision("forward", group)
+        return decision
+
+    # -- finished answers, reused for the same bytes from the same group ------------------------
+    ANSWERS_MAX = 1 << 17
+    CLIENTS_MAX = 1 << 16
+
+    def remember(self, client: str, group: str, key: bytes, entry: tuple) -> None:
+        """Keep a finished answer (core.Outcome.reuse_until said it may be reused) for the query
+        bytes `key` (all but the ID) from `group`, and let `client` find its group's table in
+        answer_tables. The server reads these tables in its hot loop; they die with the snapshot."""
+        table = self._answers.get(group)
+        if table is None:
+            table = self._answers[group] = {}
+        elif len(table) >= self.ANSWERS_MAX:
+            forget_oldest(table, 4096)
+        table[key] = entry
+        tables = self.answer_tables
+        if tables.get(client) is not table:
+            if len(tables) >= self.CLIENTS_MAX:
+                tables.clear()
+            tables[client] = table
 
     def timeless(self, decision: Decision) -> bool:
         """True when the decision depends only on (group, name): no exemption applies now and none
@@ -248,7 +284,7 @@ class Policy:
     # a million names then cost the name and a dict slot, and the Rule is made when one matches.
     def _listed_rule(self, handle: int, name: str) -> Rule:
         service, kind, path = self.lists[handle >> 32]
-        return Rule(service, kind, name, path, handle & 0xFFFFFFFF)
+        return ListedRule(service, kind, name, path, handle & 0xFFFFFFFF)
 
     def rules_at(self, name: str) -> tuple[Rule, ...]:
         """Every rule written for exactly this name."""
@@ -307,18 +343,19 @@ def decide(policy: Policy, client, qname: str, now: float) -> Decision:
     if group is None:
         return REFUSE
     rule = policy.match(group, qname)
-    decisions = policy._decisions
     if rule is None:
-        decision = decisions.get(group.name)
-        if decision is None:
-            decision = decisions[group.name] = Decision("forward", group.name)
-        return decision
+        return policy.forward(group.name)
+    decisions = policy._decisions
     exemption = policy.exemption_for(key, rule.service, now) if policy.exemptions else None
     if exemption is not None:
         # short, and never past the expiry: revocation reaches clients within the TTL
         cap = max(0, min(policy.settings.exemption_ttl, int(exemption.expires - now)))
         return Decision("forward", group.name, rule.service, rule, ttl=cap, exemption=exemption)
-    # a block depends only on (group, rule): build each Decision once per snapshot
+    # a block depends only on (group, rule): build each Decision once per snapshot (a listed rule
+    # is new at every match, so its Decision is too)
+    if rule.__class__ is ListedRule:
+        return Decision("block", group.name, rule.service, rule, response=rule.response or group.response,
+                        ttl=group.block_ttl)
     decision = decisions.get((group.name, rule))
     if decision is None:
         if len(decisions) > 65536:

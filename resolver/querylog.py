@@ -69,13 +69,21 @@ class QueryLog:
             self._thread.start()
 
     def log(self, when: float, outcome, duration: float) -> None:
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._append(self.format(when, outcome, duration))
+
+    def write(self, when: float, client: str, middle: str, duration: float) -> None:
+        """log() for an answer the server reuses: `middle` is what middle() made of its Outcome,
+        `client` an address as the kernel wrote it (it needs no escaping)."""
+        if self.enabled:
+            self._append(self._line(when, f'"{client}"', middle, duration))
+
+    def _append(self, line: str) -> None:
         buf = self._buf
         if len(buf) >= self._limit:
             self._full += 1
             return
-        buf.append(self.format(when, outcome, duration))     # formatted here: one thread, no handoffs
+        buf.append(line)
         self._enqueued += 1
 
     def flush(self, timeout: float = 5.0) -> bool:
@@ -100,24 +108,30 @@ class QueryLog:
 
     # -- writer thread -------------------------------------------------------------------------
     def format(self, when: float, o, duration: float) -> str:
-        """One JSON object, built by hand on the event loop thread: json.dumps costs several times
-        more, and formatting in the writer thread cost more still in interpreter handoffs. Group,
-        service and action are names the loader and core vouch for; what could hold anything
-        (qname, rule path, exemption id) goes through _s."""
+        """One JSON object, formatted on the serving thread: one thread, no handoffs."""
+        return self._line(when, _s(o.client), self.middle(o), duration)
+
+    def _line(self, when: float, client: str, middle: str, duration: float) -> str:
         second = int(when)
         if second != self._second:
             self._second = second
             self._stamp = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime(
                 "%Y-%m-%dT%H:%M:%S")
-        group, service, rule, exemption, client = o.group, o.service, o.rule, o.exemption, o.client
-        return (f'{{"time":"{self._stamp}.{int((when - second) * 1000):03d}+00:00",'
-                f'"client":{_s(client) if client is not None else "null"},'
-                f'"group":{_s(group) if group is not None else "null"},"qname":{_s(o.qname)},'
+        return (f'{{"time":"{self._stamp}.{int((when - second) * 1000):03d}+00:00","client":{client},'
+                f'{middle}"duration_ms":{duration * 1000:.3f}}}')
+
+    @staticmethod
+    def middle(o) -> str:
+        """The fields from group to rcode, built by hand: json.dumps costs several times more.
+        Group, service and action are names the loader and core vouch for; what could hold anything
+        (qname, rule path, exemption id) goes through _s. Ends with a comma."""
+        group, service, rule, exemption = o.group, o.service, o.rule, o.exemption
+        return (f'"group":{_s(group) if group is not None else "null"},"qname":{_s(o.qname)},'
                 f'"qtype":{_QTYPES.get(o.qtype) or _s(str(o.qtype))},"decision":"{o.action}",'
                 f'"service":{_s(service) if service is not None else "null"},'
                 f'"rule":{_s(rule) if rule is not None else "null"},'
                 f'"exemption":{_s(exemption) if exemption is not None else "null"},'
-                f'"rcode":{_RCODES.get(o.rcode) or _s(str(o.rcode))},"duration_ms":{duration * 1000:.3f}}}')
+                f'"rcode":{_RCODES.get(o.rcode) or _s(str(o.rcode))},')
 
     def _run(self) -> None:
         buf = self._buf

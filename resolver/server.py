@@ -1,7 +1,7 @@
 """The I/O shell: sockets, the upstream task, policy reloads, signals. Decisions live in core.py.
 
-UDP is read straight off non-blocking sockets in batches from the event loop (no task per packet);
-only queries that need the upstream become tasks. TCP follows RFC 7766: length-prefixed messages,
+UDP is read by one thread per socket with a blocking recvfrom (no event loop per packet); only
+queries that need the upstream go to the event loop, as tasks. TCP follows RFC 7766: length-prefixed messages,
 several per connection, answered as they complete.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
 
 from . import core
@@ -30,7 +31,6 @@ from .upstream import Upstreams
 from .wire import truncate
 
 log = logging.getLogger("sinkhole")
-UDP_BATCH = 64
 MAX_INFLIGHT = 4096
 TCP_PIPELINE = 64             # queries in progress per TCP connection before we stop reading
 
@@ -76,6 +76,11 @@ class Server:
         self.reload_failures = 0
         self.reload_failing = False          # the files on disk were rejected; the old policy serves
         self._udp: list[socket.socket] = []
+        self._udp_threads: list[threading.Thread] = []
+        self._udp_pending = 0                # queries handed from UDP threads to the event loop
+        self._halt = False                   # tells the UDP threads to return
+        self.lock = threading.Lock()         # the cache, policy memos, counters and query log:
+                                             # one thread at a time (see _udp_serve)
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
         self._tcp_count = 0
@@ -132,9 +137,10 @@ class Server:
                     continue              # port 0: the TCP twin of the UDP port was taken; try another
                 raise
             break
-        udp.setblocking(False)
         self._udp.append(udp)
-        self._loop.add_reader(udp.fileno(), self._udp_ready, udp)
+        thread = threading.Thread(target=self._udp_serve, args=(udp,), name=f"udp {host}:{bound}", daemon=True)
+        self._udp_threads.append(thread)
+        thread.start()
         tcp.listen(128)
         tcp.setblocking(False)
         self._tcp_servers.append(await asyncio.start_server(self._tcp_client, sock=tcp))
@@ -149,8 +155,14 @@ class Server:
     async def stop(self, drain: float = 5.0) -> None:
         """Stop listening, let in-flight queries finish (up to `drain` seconds), close everything."""
         self._stopping.set()
+        self._halt = True
         for udp in self._udp:
-            self._loop.remove_reader(udp.fileno())
+            try:
+                udp.shutdown(socket.SHUT_RD)        # wakes the thread blocked in recvfrom; sending works on
+            except OSError:
+                pass                                # ENOTCONN: unconnected UDP, woken all the same
+        for thread in self._udp_threads:
+            await asyncio.to_thread(thread.join, 2.0)
         for srv in self._tcp_servers:
             srv.close()
         pending = [t for t in self._tasks if not t.get_name().startswith("bg:")]
@@ -171,51 +183,85 @@ class Server:
         return task
 
     # -- UDP -----------------------------------------------------------------------------------
-    def _udp_ready(self, sock: socket.socket) -> None:
-        """Drain up to UDP_BATCH datagrams. The answered-at-once path (blocks, cache hits, errors)
-        is written out here with its names bound locally: it is the resolver's hot loop."""
-        recvfrom, sendto = sock.recvfrom, sock.sendto
-        begin, forward_type, ctx = core.begin, core.Forward, self.ctx
+    def _udp_serve(self, sock: socket.socket) -> None:
+        """The thread of one UDP socket: a blocking recvfrom, no event loop in between. What can be
+        answered at once (blocks, cache hits, errors) is answered here; what needs the upstream is
+        handed to the event loop. Everything but the two syscalls runs under self.lock, which the
+        event loop thread takes too (TCP, upstream answers, reloads): one writer at a time for the
+        cache, the counters and the query log. This is the resolver's hot loop; names are bound
+        locally and the path for a reused answer (Policy.remember) is written out."""
+        recvfrom, sendto, nowait = sock.recvfrom, sock.sendto, socket.MSG_DONTWAIT
+        begin, forward_type, ctx, cache = core.begin, core.Forward, self.ctx, self.cache
         perf, clock, ratelimit = time.perf_counter, self.clock, self.ratelimit
-        observe, querylog = self.observer.query, self.querylog.log
-        for _ in range(UDP_BATCH):
+        observer, querylog = self.observer, self.querylog
+        count, write, observe, log_query = observer.count, querylog.write, observer.query, querylog.log
+        acquire, release = self.lock.acquire, self.lock.release
+        loop, handoff = self._loop, self._udp_handoff
+        while True:
             try:
                 data, addr = recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
             except OSError:
-                return                  # e.g. ICMP port unreachable reported on the socket
+                if self._halt:
+                    return
+                continue                # e.g. ICMP port unreachable reported on the socket
+            if addr is None:            # shutdown() woke the thread: the server is stopping
+                return
             started = perf()
             now = clock()
-            if ratelimit is not None and self._rate_limited(sock, data, addr, now):
-                continue
-            policy = self.policy        # read once: this query uses this snapshot to the end
+            acquire()
             try:
-                step = begin(data, addr[0], policy, ctx, now)
-            except Exception:           # a bug must cost one answer, never the server
-                log.exception("query from %s failed", addr[0])
-                self.observer.dropped("internal")
-                continue
-            if step.__class__ is forward_type:
-                if len(self._tasks) > MAX_INFLIGHT:
-                    self.observer.dropped("overload")
+                if ratelimit is not None and self._rate_limited(sock, data, addr, now):
                     continue
-                self._spawn(self._udp_forward(sock, step, addr, policy, started, now), background=False)
-                continue
-            reply, outcome = step
-            if reply is not None:
-                if len(reply) > outcome.udp_limit:
-                    reply = truncate(reply, outcome.udp_limit)
+                policy = self.policy    # read once: this query uses this snapshot to the end
+                client = addr[0]
+                table = policy.answer_tables.get(client)
+                if table is not None:
+                    ready = table.get(data[2:])
+                    if ready is not None and ready[1] > now:
+                        try:
+                            sendto(data[:2] + ready[0], nowait, addr)
+                        except OSError:
+                            pass        # the client is gone or the buffer is full: nothing to do
+                        duration = perf() - started
+                        count(ready[2], duration)
+                        write(now, client, ready[3], duration)
+                        if ready[4]:
+                            cache.hits += 1
+                            cache.requests += 1
+                        continue
                 try:
-                    sendto(reply, addr)
-                except OSError:
-                    pass                # the client is gone or the buffer is full: nothing to do
-            duration = perf() - started
-            observe(outcome, duration)
-            if outcome.action != "dropped":
-                querylog(now, outcome, duration)
-            else:
-                self.observer.dropped("malformed")
+                    step = begin(data, client, policy, ctx, now)
+                except Exception:       # a bug must cost one answer, never the server
+                    log.exception("query from %s failed", client)
+                    observer.dropped("internal")
+                    continue
+                if step.__class__ is forward_type:
+                    if self._udp_pending >= MAX_INFLIGHT:
+                        observer.dropped("overload")
+                        continue
+                    self._udp_pending += 1
+                    loop.call_soon_threadsafe(handoff, sock, step, addr, policy, started, now)
+                    continue
+                reply, outcome = step
+                if reply is not None:
+                    if len(reply) > outcome.udp_limit:
+                        reply = truncate(reply, outcome.udp_limit)
+                    try:
+                        sendto(reply, nowait, addr)
+                    except OSError:
+                        pass
+                    if outcome.reuse_until > now:
+                        policy.remember(client, outcome.group, data[2:],
+                                        (reply[2:], outcome.reuse_until, observer.signature(outcome),
+                                         querylog.middle(outcome), outcome.action == "cached"))
+                duration = perf() - started
+                observe(outcome, duration)
+                if outcome.action != "dropped":
+                    log_query(now, outcome, duration)
+                else:
+                    observer.dropped("malformed")
+            finally:
+                release()
 
     def _rate_limited(self, sock, data: bytes, addr, now: float) -> bool:
         """UDP only (a TCP client's address cannot be spoofed): True when this query is over the
@@ -228,15 +274,23 @@ class Server:
             self._sendto(sock, reply, addr)
         return True
 
+    def _udp_handoff(self, sock, fwd, addr, policy, started, now) -> None:
+        """On the event loop: a query from a UDP thread that needs the upstream."""
+        self._spawn(self._udp_forward(sock, fwd, addr, policy, started, now), background=False)
+
     async def _udp_forward(self, sock, fwd, addr, policy, started, now) -> None:
-        reply, outcome = await self._forward(fwd, policy)
-        self._sendto(sock, truncate(reply, outcome.udp_limit), addr)
-        self._done(now, outcome, started)
+        try:
+            reply, outcome = await self._forward(fwd, policy)
+            self._done(now, outcome, started)      # logged before the client can ask again
+            self._sendto(sock, truncate(reply, outcome.udp_limit), addr)
+        finally:
+            with self.lock:
+                self._udp_pending -= 1
 
     @staticmethod
     def _sendto(sock, data: bytes, addr) -> None:
         try:
-            sock.sendto(data, addr)
+            sock.sendto(data, socket.MSG_DONTWAIT, addr)
         except OSError:
             pass                        # the client is gone or the buffer is full: nothing to do
 
@@ -246,15 +300,17 @@ class Server:
         except Exception:
             log.exception("upstream query failed")
             reply = None
-        return core.finish(fwd, reply, policy, self.ctx, self.clock())
+        with self.lock:
+            return core.finish(fwd, reply, policy, self.ctx, self.clock())
 
     def _done(self, now: float, outcome, started: float) -> None:
         duration = time.perf_counter() - started
-        self.observer.query(outcome, duration)
-        if outcome.action != "dropped":
-            self.querylog.log(now, outcome, duration)
-        else:
-            self.observer.dropped("malformed")
+        with self.lock:
+            self.observer.query(outcome, duration)
+            if outcome.action != "dropped":
+                self.querylog.log(now, outcome, duration)
+            else:
+                self.observer.dropped("malformed")
 
     # -- TCP -----------------------------------------------------------------------------------
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -291,7 +347,8 @@ class Server:
         now = self.clock()
         policy = self.policy
         try:
-            step = core.begin(data, peer, policy, self.ctx, now)
+            with self.lock:
+                step = core.begin(data, peer, policy, self.ctx, now)
             if isinstance(step, core.Forward):
                 reply, outcome = await self._forward(step, policy)
             else:

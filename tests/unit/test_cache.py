@@ -31,9 +31,9 @@ def test_fresh_entry_is_returned_with_its_age_until_it_expires():
     c = Cache()
     key, r = reply(ttl=300)
     assert c.put(key, r, T0)
-    assert c.get(key, T0) == (r, 0)
-    assert c.get(key, T0 + 120.7) == (r, 120)
-    assert c.get(key, T0 + 299.9)[1] == 299
+    assert c.get(key, T0) == (r, 0, T0 + 1)
+    assert c.get(key, T0 + 120.7) == (r, 120, T0 + 121)     # the age holds until the next second
+    assert c.get(key, T0 + 299.9)[1:] == (299, T0 + 300)     # and never past the expiry
     assert c.get(key, T0 + 300) is None
     assert len(c) == 0
 
@@ -42,7 +42,7 @@ def test_ttl_counts_down_in_the_answer():
     c = Cache()
     key, r = reply(ttl=300)
     c.put(key, r, T0)
-    cached, age = c.get(key, T0 + 100)
+    cached, age, _ = c.get(key, T0 + 100)
     client = parse_query(dns.message.make_query("x.test", "A").to_wire())
     assert dns.message.from_wire(build_reply(client, cached, age)).answer[0].ttl == 200
 

@@ -1,5 +1,7 @@
 """core.begin's memo: the same bytes from the same group skip parsing and deciding, but only for
 decisions no clock or client can change; every answer still carries its own query ID."""
+import gc
+
 import dns.message
 import pytest
 
@@ -36,16 +38,33 @@ def wire(name, qid):
 def test_same_bytes_new_id_each_answer_its_own(policy):
     ctx = core.Context(Cache(100))
     for qid in (1, 2, 65535):
-        reply, out = core.begin(wire("www.chat.test", qid), "10.1.0.5", policy, ctx, 0)
-        msg = dns.message.from_wire(reply)
-        assert msg.id == qid and msg.rcode() == 3 and out.service == "chat"
-    assert len(policy.memo("desktop")) == 1
+        step = core.begin(wire("www.chat.test", qid), "10.2.0.5", policy, ctx, 0)     # mobile: forward
+        assert isinstance(step, core.Forward) and step.query.id == qid and step.query.qname == "www.chat.test"
+    assert len(policy.memo("mobile")) == 1
 
 
-def test_a_service_with_an_exemption_is_never_memoised(policy):
+def test_memo_values_are_plain_tuples_the_collector_stops_tracking(policy):
     ctx = core.Context(Cache(100))
-    before, _ = core.begin(wire("www.drive.test", 7), "10.1.0.99", policy, ctx, 0)
+    core.begin(wire("www.example.test", 1), "10.2.0.5", policy, ctx, 0)
+    gc.collect()
+    (value,) = policy.memo("mobile").values()
+    assert type(value) is tuple and not gc.is_tracked(value)
+
+
+def test_blocks_are_not_memoised_but_marked_reusable_for_the_snapshot(policy):
+    ctx = core.Context(Cache(100))
+    for qid in (1, 2):
+        reply, out = core.begin(wire("www.chat.test", qid), "10.1.0.5", policy, ctx, 0)
+        assert dns.message.from_wire(reply).id == qid and out.service == "chat"
+        assert out.reuse_until == core.FOREVER
+    assert policy.memo("desktop") == {}
+
+
+def test_a_service_with_an_exemption_is_never_memoised_nor_reused(policy):
+    ctx = core.Context(Cache(100))
+    before, out = core.begin(wire("www.drive.test", 7), "10.1.0.99", policy, ctx, 0)
     assert dns.message.from_wire(before).rcode() == 3               # before the window: blocked
+    assert out.reuse_until == 0                                      # but the clock can change that
     step = core.begin(wire("www.drive.test", 8), "10.1.0.99", policy, ctx, IN_WINDOW)
     assert isinstance(step, core.Forward) and step.decision.exemption.id == "EX-1"
     assert policy.memo("desktop") == {}
@@ -53,19 +72,30 @@ def test_a_service_with_an_exemption_is_never_memoised(policy):
 
 def test_groups_have_separate_memos(policy):
     ctx = core.Context(Cache(100))
-    core.begin(wire("www.chat.test", 1), "10.1.0.5", policy, ctx, 0)
-    step = core.begin(wire("www.chat.test", 1), "10.2.0.5", policy, ctx, 0)
-    assert isinstance(step, core.Forward)                            # mobile: not the desktop's block
+    core.begin(wire("www.chat.test", 1), "10.2.0.5", policy, ctx, 0)
+    reply, out = core.begin(wire("www.chat.test", 1), "10.1.0.5", policy, ctx, 0)
+    assert out.action == "blocked"                                  # desktop: not the mobile's forward
 
 
 def test_memo_is_bounded(policy):
     ctx = core.Context(Cache(100))
     for i in range(policy.MEMO_MAX + 5):
-        core.begin(wire(f"n{i}.chat.test", 1), "10.1.0.5", policy, ctx, 0)
-    assert len(policy.memo("desktop")) <= policy.MEMO_MAX
+        core.begin(wire(f"n{i}.example.test", 1), "10.2.0.5", policy, ctx, 0)
+    assert len(policy.memo("mobile")) <= policy.MEMO_MAX
 
 
-def test_no_memo_when_ecs_can_name_the_client(policy):
+def test_no_memo_and_no_reuse_when_ecs_can_name_the_client(policy):
     ctx = core.Context(Cache(100), ecs_from=lambda client: True)
-    core.begin(wire("www.chat.test", 1), "10.1.0.5", policy, ctx, 0)
-    assert policy.memo("desktop") == {}
+    core.begin(wire("www.example.test", 1), "10.2.0.5", policy, ctx, 0)
+    _, out = core.begin(wire("www.chat.test", 1), "10.1.0.5", policy, ctx, 0)
+    assert policy.memo("mobile") == {} and out.reuse_until == 0
+
+
+def test_remembered_answers_are_bounded_plain_tuples_per_group(policy):
+    policy.remember("10.1.0.5", "desktop", b"k", (b"tail", 1.0, ("desktop", "A"), "mid", False))
+    gc.collect()
+    table = policy.answer_tables["10.1.0.5"]
+    assert table[b"k"][0] == b"tail" and not gc.is_tracked(table[b"k"])
+    for i in range(policy.ANSWERS_MAX + 10):
+        policy.remember("10.1.0.6", "desktop", b"%d" % i, (b"t", 1.0, None, "m", False))
+    assert len(table) <= policy.ANSWERS_MAX and policy.answer_tables["10.1.0.6"] is table
