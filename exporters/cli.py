@@ -34,12 +34,18 @@ def cmd_sidecar(args) -> int:
         print(f"sinkhole sidecar: --no-dns-allow: {e}", file=sys.stderr)
         return 2
     settings = Settings(window=args.window, learning=args.learning, grace=args.grace, no_dns_allow=allow)
-    metrics = None
+    metrics = health = None
     if args.metrics:
-        from .metrics import SidecarMetrics, serve
-        metrics = SidecarMetrics()
-        host, port = parse_hostport(args.metrics, None)
-        serve(metrics, host, port)
+        from resolver.exposition import serve_metrics
+
+        from .metrics import Health, SidecarMetrics
+        metrics, health = SidecarMetrics(), Health()
+        try:
+            host, port = parse_hostport(args.metrics, None)
+            serve_metrics(metrics.registry, host, port, health=health, log=logging.getLogger("sinkhole.sidecar"))
+        except (ValueError, OSError) as e:
+            print(f"sinkhole sidecar: --metrics {args.metrics}: {e}", file=sys.stderr)
+            return 2
     out = open(args.alerts, "a", buffering=1) if args.alerts not in (None, "-") else sys.stdout
     alerts = Alerts(out, settings.window)
     enforce = None
@@ -50,9 +56,9 @@ def cmd_sidecar(args) -> int:
     engine = Engine(policy, sanctioned_addresses(config), alerts, metrics, settings,
                     started=None if args.pcap else time.time(), enforce=enforce)
     if args.pcap:
-        return run_pcap(engine, args.pcap)
+        return run_pcap(engine, args.pcap, health)
     reloader = Reloader(engine, blocklists, config.reload_interval, metrics)
-    return run_live(engine, [i for i in args.iface.split(",") if i], reloader, metrics)
+    return run_live(engine, [i for i in args.iface.split(",") if i], reloader, metrics, health=health)
 
 
 def register(sub) -> None:
@@ -63,7 +69,8 @@ def register(sub) -> None:
     where.add_argument("--iface", help="capture live on these interfaces (comma-separated)")
     where.add_argument("--pcap", help="read a pcap/pcapng file, print alerts and a summary, exit")
     p.add_argument("--alerts", default="-", help="JSON-lines file to append alerts to (default: stdout)")
-    p.add_argument("--metrics", help="serve Prometheus metrics on HOST:PORT")
+    p.add_argument("--metrics", help="serve /metrics (Prometheus) and /healthz on HOST:PORT "
+                   "(port 0: any free port, logged as 'metrics on HOST port N')")
     p.add_argument("--window", type=float, default=600.0, help="seconds: one alert per client, "
                    "detector and destination per window (default 600)")
     p.add_argument("--learning", type=float, default=1800.0, help="seconds after start in which "

@@ -1,8 +1,13 @@
-"""The sidecar's Prometheus metrics (sinkhole_bypass_*), on a registry of its own, and the one
-function that serves them. Labels come only from known sets: detector names and policy groups."""
+"""The sidecar's Prometheus metrics (sinkhole_bypass_*), on a registry of its own, and what its
+/healthz says (Health). Both are served by resolver.exposition.serve_metrics, as the resolver's are.
+Labels come only from known sets: detector names and policy groups."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from resolver.exposition import BYPASS_DETECTIONS
 
 from .detectors import DETECTORS
 
@@ -15,7 +20,7 @@ class SidecarMetrics:
         self.unparsed = Counter("sinkhole_bypass_packets_unparsed_total",
                                 "Packets whose headers could not be read (not TCP/UDP over IP, truncated).",
                                 registry=r)
-        self.detections = Counter("sinkhole_bypass_detections_total",
+        self.detections = Counter(BYPASS_DETECTIONS,
                                   "Findings by detector and client group, alerting or only counted.",
                                   ["detector", "group"], registry=r)
         self.alerts = Counter("sinkhole_bypass_alerts_total", "Alert lines written, by detector.",
@@ -44,7 +49,59 @@ class SidecarMetrics:
                 self.detections.labels(detector, group)
 
 
-def serve(metrics: SidecarMetrics, host: str, port: int):
-    """Expose the registry over HTTP on host:port (0: any free port); returns the bound port."""
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
-    return server.server_port
+class Health:
+    """The sidecar's /healthz: `check(now)` -> (ok, text), now from time.monotonic().
+
+    Live capture: healthy while the capture loop goes round. The loop wakes at least every 0.5 s,
+    packets or not, so a loop not seen for `stall` seconds is stuck (in a packet, a reload, a
+    socket) and restarting the sidecar is the right fix. A quiet link is *not* unhealthy: restarting
+    brings no packets, so the time since the last packet is reported in the text, not judged.
+    A pcap file: healthy while it is read and once it is read to the end; unhealthy if it could not
+    be read. Before the capture opens (or if it cannot), unhealthy."""
+
+    STALL = 10.0
+
+    def __init__(self, stall: float = STALL):
+        self.stall = stall
+        self.state, self.source, self.error = "starting", "", ""
+        self.round: float | None = None        # when the capture loop last went round
+        self.packet: float | None = None       # when it last handed over a packet
+        self.packets = 0
+
+    # -- what the capture loop reports (plain attribute writes: the HTTP thread only reads) -----
+    def capturing(self, ifaces, now: float) -> None:
+        self.source, self.round, self.state = ",".join(ifaces), now, "capturing"
+
+    def went_round(self, now: float, packets: int) -> None:
+        self.round = now
+        if packets:
+            self.packet, self.packets = now, self.packets + packets
+
+    def reading(self, path: str) -> None:
+        self.source, self.state = path, "reading"
+
+    def finished(self, packets: int) -> None:
+        self.packets, self.state = packets, "finished"
+
+    def failed(self, error: str) -> None:
+        self.error, self.state = error, "failed"
+
+    # -- what /healthz answers ------------------------------------------------------------------
+    def check(self, now: float) -> tuple[bool, str]:
+        state, source = self.state, self.source
+        if state == "capturing":
+            since = now - self.round
+            if since > self.stall:
+                return False, f"capture loop on {source} stalled: last round {since:.0f} s ago"
+            last = "no packet yet" if self.packet is None else f"last packet {now - self.packet:.0f} s ago"
+            return True, f"capturing on {source}: {self.packets} packets, {last}"
+        if state == "reading":
+            return True, f"reading {source}"
+        if state == "finished":
+            return True, f"finished reading {source}: {self.packets} packets"
+        if state == "failed":
+            return False, f"capture failed: {self.error}"
+        return False, "capture not open yet"
+
+    def __call__(self) -> tuple[bool, str]:
+        return self.check(time.monotonic())

@@ -268,17 +268,23 @@ class Reloader:
             self.metrics.reloads.labels(result).inc()
 
 
-def run_pcap(engine: Engine, path: str) -> int:
+def run_pcap(engine: Engine, path: str, health=None) -> int:
     from .capture import CaptureError, read_pcap
     feed = engine.feed
     start, cpu, first = time.perf_counter(), time.process_time(), engine.packets
+    if health is not None:
+        health.reading(path)
     try:
         for when, linktype, frame in read_pcap(path):
             feed(when, linktype, frame)
     except (OSError, CaptureError) as e:
+        if health is not None:
+            health.failed(str(e))
         print(engine.summary(), file=sys.stderr)
         print(f"sinkhole sidecar: {e}", file=sys.stderr)
         return 1
+    if health is not None:
+        health.finished(engine.packets - first)
     took, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(engine.summary(), file=sys.stderr)
     n = engine.packets - first
@@ -287,21 +293,33 @@ def run_pcap(engine: Engine, path: str) -> int:
     return 0
 
 
-def run_live(engine: Engine, ifaces: list[str], reloader: Reloader, metrics=None, stop=None) -> int:
+def run_live(engine: Engine, ifaces: list[str], reloader: Reloader, metrics=None, stop=None,
+             health=None) -> int:
+    """Capture until SIGTERM (or `stop` is set); `health` (metrics.Health) hears every round."""
     from .capture import LiveCapture
-    capture = LiveCapture(ifaces)
+    try:
+        capture = LiveCapture(ifaces)
+    except Exception as e:
+        if health is not None:
+            health.failed(f"cannot capture on {','.join(ifaces)}: {e}")
+        raise
     log.info("capturing on %s", ", ".join(ifaces))
+    if health is not None:
+        health.capturing(ifaces, time.monotonic())
     stopping = []
     signal.signal(signal.SIGHUP, lambda *_: setattr(reloader, "requested", True))
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     print("sidecar: capturing on " + ",".join(ifaces), file=sys.stderr, flush=True)
     try:
         while not stopping and not (stop and stop.is_set()):
-            for when, linktype, frame in capture.frames(0.5):
+            frames = capture.frames(0.5)
+            for when, linktype, frame in frames:
                 try:
                     engine.feed(when, linktype, frame)
                 except Exception:   # noqa: BLE001 - one odd packet never stops the sidecar
                     log.exception("packet handling failed")
+            if health is not None:
+                health.went_round(time.monotonic(), len(frames))
             drops = capture.drops()
             if metrics is not None:
                 if drops:

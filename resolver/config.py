@@ -15,7 +15,7 @@ CACHE_KEYS = {"size", "min_ttl", "max_ttl", "negative_max_ttl", "serve_stale"}
 LOG_KEYS = {"target", "max_bytes", "backups", "queue"}
 METRICS_KEYS = {"listen"}
 RATE_KEYS = {"rate", "burst", "exempt", "slip"}
-TCP_KEYS = {"max_connections", "idle_timeout", "max_queries"}
+TCP_KEYS = {"max_connections", "idle_timeout", "max_queries", "max_lifetime"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class TcpConfig:
     max_connections: int = 256
     idle_timeout: float = 10.0
     max_queries: int = 1000
+    max_lifetime: float = 120.0  # seconds one connection may live; then in-flight answers go out and it closes
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,10 @@ def load_config(path) -> Config:
     query_log = section("query_log", LOG_KEYS, QueryLogConfig,
                         {"target": str, "max_bytes": int, "backups": int, "queue": int})
     rate = section("rate_limit", RATE_KEYS, RateLimitConfig, {"rate": int, "burst": int, "exempt": tuple, "slip": int})
-    tcp = section("tcp", TCP_KEYS, TcpConfig, {"max_connections": int, "idle_timeout": float, "max_queries": int})
+    tcp = section("tcp", TCP_KEYS, TcpConfig, {"max_connections": int, "idle_timeout": float, "max_queries": int,
+                                               "max_lifetime": float})
+    if tcp.max_lifetime <= 0:
+        report.error(data["tcp"].line_of("max_lifetime"), "tcp.max_lifetime must be seconds > 0")
     if query_log.target not in ("off", "stdout", "-"):
         query_log = QueryLogConfig(str(base / query_log.target), query_log.max_bytes,
                                    query_log.backups, query_log.queue)

@@ -323,10 +323,27 @@ class Server:
         peer = writer.get_extra_info("peername")[0]
         lock = asyncio.Lock()
         inflight: set[asyncio.Task] = set()
+        loop = asyncio.get_running_loop()
+        # RFC 7766 lets a server close connections (6.2.3 idle timeouts; 6.2.4 either end may close,
+        # e.g. to defend itself, and clients retry what was not answered). A client holds this one for
+        # at most max_lifetime seconds (without it, up to max_queries x idle_timeout): past it no new
+        # query is read, the ones in flight are answered, then we close.
+        deadline = loop.time() + tcp.max_lifetime
+        why = ""                        # set when we hang up while the client may still be sending
         try:
             for _ in range(tcp.max_queries):
+                left = deadline - loop.time()
+                if left <= 0:
+                    why = f"max_lifetime {tcp.max_lifetime:g} s"
+                    break
                 try:
-                    head = await asyncio.wait_for(reader.readexactly(2), tcp.idle_timeout)
+                    head = await asyncio.wait_for(reader.readexactly(2), min(tcp.idle_timeout, left))
+                except asyncio.TimeoutError:
+                    why = f"max_lifetime {tcp.max_lifetime:g} s" if loop.time() >= deadline else ""
+                    break
+                except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                    break
+                try:                    # a query begun before the deadline is read to its end
                     size = struct.unpack("!H", head)[0]
                     data = await asyncio.wait_for(reader.readexactly(size), tcp.idle_timeout)
                 except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
@@ -336,11 +353,31 @@ class Server:
                 task.add_done_callback(inflight.discard)
                 if len(inflight) >= TCP_PIPELINE:   # stop reading until answers go out: bounded
                     await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                why = f"max_queries {tcp.max_queries}"
+            if why:
+                log.debug("TCP connection from %s reached %s: closing after %d answer(s) in flight",
+                          peer, why, len(inflight))
             if inflight:
                 await asyncio.wait(inflight, timeout=self.config.upstream_timeout * (len(self.config.upstreams) + 1))
+            if why and not inflight:    # (an answer still pending after that wait: plain close)
+                await self._tcp_linger(reader, writer)
         finally:
             self._tcp_count -= 1
             writer.close()
+
+    async def _tcp_linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Our answers are sent; send FIN and discard what the client still sends until it closes
+        (at most idle_timeout). Closing with unread queries in the buffer would make the kernel
+        answer with a reset, which can destroy answers the client has not read yet."""
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+            async with asyncio.timeout(self.config.tcp.idle_timeout):
+                while await reader.read(65536):
+                    pass
+        except (TimeoutError, ConnectionError, OSError):
+            pass
 
     async def _tcp_query(self, data: bytes, peer: str, writer, lock) -> None:
         started = time.perf_counter()

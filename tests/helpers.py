@@ -127,10 +127,12 @@ class Dnsmasq:
 
 class Sinkhole:
     """`sinkhole serve` as a real subprocess on loopback port 0; the bound ports are read back
-    from its log. `config` is a dict written to sinkhole.yaml in `workdir`."""
+    from its log. `config` is a dict written to sinkhole.yaml in `workdir`; `args` are added to
+    `serve` (["-v"]: debug lines in .lines)."""
 
-    def __init__(self, workdir: Path, config: dict, env: dict | None = None):
+    def __init__(self, workdir: Path, config: dict, env: dict | None = None, args: tuple[str, ...] = ()):
         self.workdir = Path(workdir)
+        self.args = tuple(args)
         self.config = {"listen": ["127.0.0.1:0"], "reload_interval": 0, **config}
         self.env = env
         self.lines: list[str] = []
@@ -141,7 +143,7 @@ class Sinkhole:
         path = self.workdir / "sinkhole.yaml"
         path.write_text(yaml.safe_dump(self.config))
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
-        self.proc = subprocess.Popen(SINKHOLE + ["serve", "-c", str(path)], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen(SINKHOLE + ["serve", "-c", str(path), *self.args], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.stdout_lines: list[str] = []
         threading.Thread(target=self._read, args=(self.proc.stderr, self.lines), daemon=True).start()

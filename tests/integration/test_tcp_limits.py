@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 
 import dns.flags
@@ -12,7 +13,7 @@ import dns.message
 import dns.query
 import pytest
 
-from helpers import Sinkhole, ask
+from helpers import PyUpstream, Sinkhole, ask
 
 pytestmark = pytest.mark.integration
 
@@ -134,6 +135,49 @@ def test_queries_per_connection_cap(tmp_path, blocklists):
                     break
                 answers.append(struct.unpack_from("!H", message)[0])
         assert answers == [0, 1, 2]
+
+
+def test_connection_lifetime_cap(tmp_path, blocklists):
+    """tcp.max_lifetime: past it the server reads no new query, still delivers the answer in
+    flight, then closes with a FIN (no reset, though the client keeps sending queries); a new
+    connection is served. The answer is held at a real upstream until the server says the lifetime
+    is over, so it is in flight at that moment by construction."""
+    import dnslib
+    forwarded, release = threading.Event(), threading.Event()
+
+    def answer(request, transport):
+        reply = request.reply()
+        if str(request.q.qname) == "held.example.test.":
+            forwarded.set()
+            release.wait(20)
+        reply.add_answer(dnslib.RR(request.q.qname, dnslib.QTYPE.A, rdata=dnslib.A("192.0.2.7"), ttl=60))
+        return reply
+
+    with PyUpstream(answer) as upstream, \
+            Sinkhole(tmp_path, {"upstreams": [upstream.address], "upstream_timeout": 20, "blocklists": str(blocklists),
+                                "tcp": {"max_lifetime": 2, "idle_timeout": 30}}, args=["-v"]) as server:
+        try:
+            with connect(server, timeout=10) as s:
+                s.sendall(query_wire(1))
+                assert struct.unpack_from("!H", read_message(s))[0] == 1      # answered locally
+                s.sendall(query_wire(2, "held.example.test", "A"))
+                assert forwarded.wait(10), "the query never reached the upstream"
+                server.wait_for_log(lambda: server.count("reached max_lifetime 2 s: closing after 1 answer(s) "
+                                                         "in flight") == 1, 10, "the lifetime to end")
+                s.sendall(query_wire(3, "late.example.test", "A"))      # after the lifetime: never read
+                # and ~200 KB more, past what asyncio buffers, so some of it is still unread in the
+                # server's kernel buffer when the server is done: closing then would be a reset
+                s.sendall(b"".join(query_wire(i, f"flood{i}.example.test", "A") for i in range(5000)))
+                release.set()
+                held = dns.message.from_wire(read_message(s))
+                assert held.id == 2 and [rr.to_text() for rr in held.answer[0]] == ["192.0.2.7"]
+                assert s.recv(65535) == b"", "more than the answer in flight"     # FIN, not a reset
+        finally:
+            release.set()
+        with connect(server) as s:                      # a new connection is served
+            s.sendall(query_wire(4))
+            assert struct.unpack_from("!H", read_message(s))[0] == 4
+        assert upstream.asked("late.example.test") == []
 
 
 def test_client_that_never_reads_is_cut_off(tmp_path, blocklists):
