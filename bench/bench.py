@@ -503,7 +503,8 @@ def main(argv=None) -> int:
     meta = {"started": started, "rounds": args.rounds, "seconds": args.seconds,
             "latency_seconds": args.latency_seconds, "names": args.names, "allowed": args.allowed,
             "miss_rate": args.miss_rate, "pinning": bench.pin_note, "metrics": bench.metrics_note,
-            "workers": (f"--workers {args.workers} run beside one process" if bench.workers_on else
+            "workers": (f"--workers {args.workers} run beside one process" if bench.workers_on and args.workers > 1
+                        else "one process only (--workers below 2)" if bench.workers_on else
                         "sinkhole serve has no --workers option yet: one process only"),
             "quiet_limit": args.quiet_limit, "quiet_wait": args.quiet_wait, "foreign_limit": args.foreign_limit,
             "versions": tool_versions(), "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
