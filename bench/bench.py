@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 
 import dnsperf  # noqa: E402
 import workload as wl  # noqa: E402
-from procs import (Dnsmasq, Sinkhole, Unbound, Upstream, metrics_available, pinning,  # noqa: E402
+from procs import (Dnsmasq, PyRaw, Sinkhole, Unbound, Upstream, metrics_available, pinning,  # noqa: E402
                    probe, quiet_gate, rss_mib, workers_supported)
 
 SERVER_CPU, CLIENT_CPU = 1, 0
@@ -40,6 +40,8 @@ WORKLOADS = {
     "miss": (wl.MOBILE_CLIENT, "unique names: every query goes to the upstream (mobile client)"),
 }
 RATE_WORKLOADS = ("blocked", "cached", "mix30")    # also run at 80 % of our peak rate
+SERVERS = ("sinkhole", "dnsmasq", "unbound", "pyraw")
+OTHERS = ("dnsmasq", "unbound", "pyraw")           # the same-round ratios sinkhole / each of these
 
 
 def tool_versions() -> dict:
@@ -96,6 +98,8 @@ class Bench:
                                          a.cache_size, metrics=self.metrics_on),
             "dnsmasq": lambda: Dnsmasq(self.tmp, self.server_cpu, self.upstream.port, self.dnsmasq_list, a.cache_size),
             "unbound": lambda: Unbound(self.tmp, self.server_cpu, self.upstream.port, self.unbound_list, a.cache_size),
+            "pyraw": lambda: PyRaw(self.tmp, self.server_cpu, self.upstream.port, list_files(self.blocklists),
+                                   a.cache_size),
         }
         if self.workers_on and a.workers > 1:
             # unpinned: N processes on one core would say nothing; they share both cores with dnsperf
@@ -105,7 +109,7 @@ class Bench:
         if a.nolog:
             kinds["sinkhole-nolog"] = lambda: Sinkhole(self.tmp, self.server_cpu, self.upstream.port, self.blocklists,
                                                        a.cache_size, metrics=self.metrics_on, querylog=False)
-        extra = [k for k in kinds if k not in ("sinkhole", "dnsmasq", "unbound")]
+        extra = [k for k in kinds if k not in SERVERS]
         for name in a.servers + extra:
             self.log("starting", name)
             server = kinds[name]().start("probe." + wl.UPSTREAM_ZONE, deadline=a.start_deadline)
@@ -225,6 +229,8 @@ class Bench:
                                   metrics=self.metrics_on)
             elif name == "dnsmasq":
                 server = Dnsmasq(tmp, self.server_cpu, self.upstream.port, lists[name], a.cache_size)
+            elif name == "pyraw":
+                server = PyRaw(tmp, self.server_cpu, self.upstream.port, list_files(blocklists), a.cache_size)
             else:
                 server = Unbound(tmp, self.server_cpu, self.upstream.port, lists[name], a.cache_size)
             try:
@@ -287,6 +293,12 @@ class Bench:
         dnsperf.run(port, self.files["cached"], 30, wl.MOBILE_CLIENT, [], [], self.client_cpu, self.tmp, max_runs=1)
 
 
+def list_files(blocklists: Path) -> list[Path]:
+    """The plain name lists (one name per line) that workload.write_blocklists put in a blocklists
+    directory: what pyraw loads."""
+    return sorted((blocklists / "services").glob("*.txt"))
+
+
 # -- summary ---------------------------------------------------------------------------------------
 def median(values):
     values = [v for v in values if v is not None]
@@ -295,7 +307,7 @@ def median(values):
 
 def summarise(runs: list[dict], foreign_limit: float) -> dict:
     """Medians per (workload, server, kind) over clean runs (foreign load under the limit; all runs
-    when none is clean), and the same-round ratios ours/dnsmasq and ours/unbound."""
+    when none is clean), and the same-round ratios ours/dnsmasq, ours/unbound and ours/pyraw."""
     cells: dict = {}
     for run in runs:
         cells.setdefault((run["workload"], run["server"], run["kind"]), []).append(run)
@@ -320,7 +332,7 @@ def summarise(runs: list[dict], foreign_limit: float) -> dict:
         ours = servers.get("sinkhole")
         if kind not in ("peak", "at80") or not ours:
             continue
-        for other in ("dnsmasq", "unbound"):
+        for other in OTHERS:
             theirs = servers.get(other)
             if not theirs:
                 continue
@@ -396,12 +408,16 @@ def render(result: dict) -> str:
                 f"| {_f(peak.get('rss_mib') or lat.get('rss_mib'), 1)} "
                 f"| {_f(peak.get('querylog_ratio'), 3) if 'querylog_ratio' in peak else '-'} "
                 f"| {peak.get('clean_runs', lat.get('clean_runs', '-'))}/{peak.get('runs', lat.get('runs', '-'))} |")
+    # pyraw's columns only when it ran: a run without it keeps the table it always had
+    raw = any("pyraw" in others for others in s["ratios"].values())
     lines += ["", "Same-round ratios, sinkhole / other (median [min..max] over rounds):", "",
-              "| workload | q/s / dnsmasq | q/s / Unbound | CPU µs/q @80 % / dnsmasq | CPU µs/q @80 % / Unbound |",
-              "|---|---:|---:|---:|---:|"]
+              "| workload | q/s / dnsmasq | q/s / Unbound | CPU µs/q @80 % / dnsmasq | CPU µs/q @80 % / Unbound |"
+              + (" q/s / pyraw | CPU µs/q @80 % / pyraw |" if raw else ""),
+              "|---|---:|---:|---:|---:|" + ("---:|---:|" if raw else "")]
     for workload, others in s["ratios"].items():
-        d, u = others.get("dnsmasq", {}), others.get("unbound", {})
-        lines.append(f"| {workload} | {_r(d, 'qps')} | {_r(u, 'qps')} | {_r(d, 'cpu')} | {_r(u, 'cpu')} |")
+        d, u, p = others.get("dnsmasq", {}), others.get("unbound", {}), others.get("pyraw", {})
+        lines.append(f"| {workload} | {_r(d, 'qps')} | {_r(u, 'qps')} | {_r(d, 'cpu')} | {_r(u, 'cpu')} |"
+                     + (f" {_r(p, 'qps')} | {_r(p, 'cpu')} |" if raw else ""))
     lines += ["", "Targets:", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
     for t in result["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
@@ -447,7 +463,9 @@ def main(argv=None) -> int:
     p.add_argument("--names", type=int, default=100_000, help="blocked names (default 100000)")
     p.add_argument("--allowed", type=int, default=2000, help="allowed (cached) names")
     p.add_argument("--cache-size", type=int, default=10_000)
-    p.add_argument("--servers", default="sinkhole,dnsmasq,unbound")
+    p.add_argument("--servers", default="sinkhole,dnsmasq,unbound",
+                   help=f"comma-separated, from {','.join(SERVERS)} (pyraw: the bare Python loop, "
+                        "bench/pyraw.py, a reference floor; opt-in)")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--workers", type=int, default=2, help="also run sinkhole --workers N when it supports it")
     p.add_argument("--nolog", action="store_true",
@@ -477,12 +495,16 @@ def main(argv=None) -> int:
     unknown = set(args.workloads) - set(WORKLOADS)
     if unknown:
         p.error(f"unknown workloads {sorted(unknown)}; choose from {list(WORKLOADS)}")
+    unknown = set(args.servers) - set(SERVERS)
+    if unknown:
+        p.error(f"unknown servers {sorted(unknown)}; choose from {list(SERVERS)}")
     bench = Bench(args)
     started = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     meta = {"started": started, "rounds": args.rounds, "seconds": args.seconds,
             "latency_seconds": args.latency_seconds, "names": args.names, "allowed": args.allowed,
             "miss_rate": args.miss_rate, "pinning": bench.pin_note, "metrics": bench.metrics_note,
-            "workers": (f"--workers {args.workers} run beside one process" if bench.workers_on else
+            "workers": (f"--workers {args.workers} run beside one process" if bench.workers_on and args.workers > 1
+                        else "one process only (--workers below 2)" if bench.workers_on else
                         "sinkhole serve has no --workers option yet: one process only"),
             "quiet_limit": args.quiet_limit, "quiet_wait": args.quiet_wait, "foreign_limit": args.foreign_limit,
             "versions": tool_versions(), "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],

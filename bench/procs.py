@@ -1,10 +1,10 @@
-"""The servers under test as processes: sinkhole, dnsmasq and Unbound configured alike, a dnsmasq
-upstream, and what the harness reads from /proc about them (CPU ticks, RSS, machine load)."""
+"""The servers under test as processes: sinkhole, dnsmasq and Unbound configured alike, the pyraw
+reference loop, a dnsmasq upstream, and what the harness reads from /proc about them (CPU ticks,
+RSS, machine load)."""
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -15,6 +15,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "tests"))
+from processes import stop_process  # noqa: E402  (standard library only, shared with the tests)
+
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -204,13 +207,7 @@ class Server:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 
@@ -278,6 +275,27 @@ forward-zone:
         return ["unbound", "-d", "-p", "-c", str(self.conf)]
 
 
+class PyRaw(Server):
+    """bench/pyraw.py: a bare recvfrom/sendto loop with a wire-name set and a question-bytes cache,
+    the floor of a Python server here. Reads the sinkhole's list files (one name per line)."""
+
+    name = "pyraw"
+
+    def __init__(self, workdir, cpu, upstream: int, lists: list[Path], cache_size: int):
+        self.upstream, self.lists, self.cache_size = upstream, lists, cache_size
+        super().__init__(workdir, cpu)
+
+    def command(self):
+        cmd = [sys.executable, str(ROOT / "bench" / "pyraw.py"), "--port", str(self.port),
+               "--upstream", f"127.0.0.1:{self.upstream}", "--cache-size", str(self.cache_size)]
+        for path in self.lists:
+            cmd += ["--list", str(path)]
+        return cmd
+
+    def wait_listening(self, deadline: float) -> None:
+        _wait_log(self, deadline)
+
+
 class Sinkhole(Server):
     """`sinkhole serve` with the full product on: policy, query log to a file, metrics if built."""
 
@@ -315,15 +333,7 @@ class Sinkhole(Server):
         return cmd
 
     def wait_listening(self, deadline: float) -> None:
-        end = time.monotonic() + deadline
-        for _ in range(int(deadline / 0.05) + 1):
-            with open(self.log, "rb") as f:
-                f.seek(self._log_from)
-                if f"port {self.port} ".encode() in f.read() or self.proc.poll() is not None:
-                    return
-            if time.monotonic() > end:
-                raise TimeoutError(f"not listening on port {self.port} within {deadline} s")
-            time.sleep(0.05)
+        _wait_log(self, deadline)
 
     def querylog_lines(self, settle: float = 0.3, deadline: float = 15.0) -> int:
         """Lines in the query log once the writer has caught up; then empties the file."""
@@ -345,6 +355,20 @@ class Sinkhole(Server):
                         lines += chunk.count(b"\n")
                 os.truncate(path, 0)        # the writer appends (O_APPEND): it goes on at offset 0
         return lines
+
+
+def _wait_log(server: Server, deadline: float) -> None:
+    """Until the server's log (this start's part) says "port N " (its own port), or it exits."""
+    text = f"port {server.port} ".encode()
+    end = time.monotonic() + deadline
+    for _ in range(int(deadline / 0.05) + 1):
+        with open(server.log, "rb") as f:
+            f.seek(server._log_from)
+            if text in f.read() or server.proc.poll() is not None:
+                return
+        if time.monotonic() > end:
+            raise TimeoutError(f"not listening on port {server.port} within {deadline} s")
+        time.sleep(0.05)
 
 
 def _user() -> str:

@@ -18,19 +18,10 @@ import dns.query
 import dns.rdatatype
 import yaml
 
+from processes import stop_process  # noqa: F401  (re-exported: tests import it from helpers)
+
 ROOT = Path(__file__).resolve().parent.parent
 SINKHOLE = [sys.executable, "-m", "resolver"]
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL if it is still there after `timeout` seconds; always reaped."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def have(cmd: str) -> bool:
