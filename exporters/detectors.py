@@ -11,10 +11,10 @@ import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 
-from resolver.policy import ENCRYPTED_DNS, Group, Policy
+from resolver.policy import ENCRYPTED_DNS, Group, Policy, forget_oldest
 
 from .lru import LRU
-from .packets import Observation
+from .packets import Observation, ip_text
 
 DETECTORS = ("external-dns", "dot", "doq", "doh-sni", "doh-ip", "doh-quic", "httpdns",
              "blocked-sni", "blocked-ip", "no-dns")
@@ -41,7 +41,10 @@ HTTPDNS_NAME = re.compile(r"[?&](?:dn|host|name)=([A-Za-z0-9._-]{1,253})")
 
 
 class NetTable:
-    """CIDR -> values; `get` returns the values of every prefix that holds an address."""
+    """CIDR -> values; `get` returns the values of every prefix that holds an address. Immutable
+    once built, so answers are memoised (bounded: the oldest are forgotten when full)."""
+
+    MEMO_MAX = 65536
 
     def __init__(self, entries=()):
         table: dict[int, dict[int, dict[int, list]]] = {4: {}, 6: {}}
@@ -52,14 +55,22 @@ class NetTable:
             nets.setdefault(int(net.network_address) >> (bits - net.prefixlen), []).append(value)
         self._table = {v: tuple(sorted(((p, {k: tuple(x) for k, x in d.items()}) for p, d in t.items()),
                                        reverse=True)) for v, t in table.items()}
+        self._memo: dict[tuple[int, int], tuple] = {}
 
     def get(self, version: int, addr: int) -> tuple:
+        key = (version, addr)
+        out = self._memo.get(key)
+        if out is not None:
+            return out
         bits = 32 if version == 4 else 128
         out = ()
         for prefixlen, nets in self._table[version]:
             found = nets.get(addr >> (bits - prefixlen))
             if found:
                 out += found
+        if len(self._memo) >= self.MEMO_MAX:
+            forget_oldest(self._memo)
+        self._memo[key] = out
         return out
 
     def __contains__(self, key) -> bool:
@@ -126,6 +137,17 @@ class Context:
     learned: Learned
     settings: Settings
     sanctioned_text: tuple[str, ...] = field(default=())
+    clients: dict = field(default_factory=dict, compare=False)   # (version, address) -> classify()
+
+    def classify(self, version: int, address: int) -> tuple[Group | None, tuple[int, int]]:
+        """policy.classify of a client given as (version, int), memoised for this snapshot."""
+        key = (version, address)
+        out = self.clients.get(key)
+        if out is None:
+            if len(self.clients) >= NetTable.MEMO_MAX:
+                forget_oldest(self.clients)
+            out = self.clients[key] = self.policy.classify(ip_text(version, address))
+        return out
 
 
 def sanctioned_addresses(config) -> tuple[str, ...]:
@@ -243,7 +265,7 @@ def httpdns(obs: Observation, ctx: Context) -> Finding | None:
 def blocked_sni(obs: Observation, ctx: Context) -> Finding | None:
     if obs.kind != "hello" or not obs.sni:
         return None
-    group, _ = ctx.policy.classify(obs.client_ip)
+    group, _ = ctx.classify(obs.version, obs.client)
     rule = (group and ctx.policy.match(group, obs.sni)) or ctx.policy.match(ctx.everything, obs.sni)
     if rule is None or rule.service == ENCRYPTED_DNS:
         return None
@@ -279,15 +301,26 @@ def no_dns(obs: Observation, ctx: Context) -> Finding | None:
 
 
 ORDER = (external_dns, dot, doq, doh_sni, doh_quic, doh_ip, httpdns, blocked_sni, blocked_ip, no_dns)
+# ORDER by observation kind: the detectors that can return a finding for it (each of the others
+# starts by returning None for that kind; tests/unit/test_sidecar_detectors.py checks this).
+BY_KIND = {
+    "connect": (external_dns, dot, doq, httpdns, blocked_ip, no_dns),
+    "hello": (dot, doq, doh_sni, doh_quic, doh_ip, blocked_sni),
+    "http": (httpdns,),
+}
 
 
 def detect(obs: Observation, ctx: Context) -> list[Finding]:
     """Every finding for one observation, each marked alert or counted-only, with the reason."""
-    findings = [f for f in (d(obs, ctx) for d in ORDER) if f is not None]
+    findings = []
+    for d in BY_KIND.get(obs.kind, ORDER):
+        f = d(obs, ctx)
+        if f is not None:
+            findings.append(f)
     if not findings:
         return findings
     policy = ctx.policy
-    group, key = policy.classify(obs.client_ip)
+    group, key = ctx.classify(obs.version, obs.client)
     out = []
     for f in findings:
         quiet = ""
@@ -308,7 +341,8 @@ def detect(obs: Observation, ctx: Context) -> list[Finding]:
                 by = ctx.learned.explained(key, obs.time)
                 if by:
                     quiet = f"explained by {by}"
-        out.append(replace(f, group=group.name if group else "-", alert=not quiet, why_quiet=quiet))
+        out.append(Finding(f.detector, obs, f.service, f.evidence, f.name, group.name if group else "-",
+                           not quiet, quiet))
     for f in out:
         if f.alert and f.detector in RESOLVER_BYPASS:
             ctx.learned.flag(key, f.detector, obs.time)
