@@ -93,9 +93,9 @@ def write_capture(path: Path, packets: int, seed: int = 5) -> dict:
         while written < packets:
             kind = rng.random()
             c, s, sport = rng.choice(clients), rng.choice(servers), rng.randrange(1024, 65535)
-            if kind < 0.10 and written + 1 < packets:       # SYN, then the ClientHello
+            if kind < 0.10 and written + 1 < packets:       # SYN (seq 1), then the ClientHello (seq 2: SYN + 1)
                 frames = [ether(ipv4(c, s, 6, tcp(sport, 443, 0x02))),
-                          ether(ipv4(c, s, 6, tcp(sport, 443, 0x18, client_hello(rng.choice(snis), rng))))]
+                          ether(ipv4(c, s, 6, tcp(sport, 443, 0x18, client_hello(rng.choice(snis), rng), seq=2)))]
                 counts["syn"] += 1
                 counts["client_hello"] += 1
             elif kind < 0.15:                                  # QUIC long header (Initial) to 443
