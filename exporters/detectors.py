@@ -137,7 +137,9 @@ class Context:
     learned: Learned
     settings: Settings
     sanctioned_text: tuple[str, ...] = field(default=())
+    quiet: NetTable = field(default_factory=NetTable)   # internal + sanctioned + allow: no-dns skips
     clients: dict = field(default_factory=dict, compare=False)   # (version, address) -> classify()
+    matches: dict = field(default_factory=dict, compare=False)   # (group name, name) -> match()
 
     def classify(self, version: int, address: int) -> tuple[Group | None, tuple[int, int]]:
         """policy.classify of a client given as (version, int), memoised for this snapshot."""
@@ -148,6 +150,17 @@ class Context:
                 forget_oldest(self.clients)
             out = self.clients[key] = self.policy.classify(ip_text(version, address))
         return out
+
+    def match(self, group: Group, name: str):
+        """policy.match(group, name), memoised for this snapshot (names repeat: SNIs, Hosts)."""
+        key = (None if group is self.everything else group.name, name)
+        try:
+            return self.matches[key]
+        except KeyError:
+            if len(self.matches) >= NetTable.MEMO_MAX:
+                forget_oldest(self.matches)
+            out = self.matches[key] = self.policy.match(group, name)
+            return out
 
 
 def sanctioned_addresses(config) -> tuple[str, ...]:
@@ -164,9 +177,10 @@ def build_context(policy: Policy, sanctioned: tuple[str, ...], learned: Learned,
     ranges = [(r.cidr, (service.name, r.tags)) for service in policy.services.values() for r in service.ip_ranges]
     some = next(iter(policy.groups.values()))
     everything = replace(some, name="*", block=frozenset(policy.services))
+    quiet = NetTable((c, True) for c in INTERNAL + tuple(sanctioned) + tuple(settings.no_dns_allow))
     return Context(policy, NetTable((s, True) for s in sanctioned), NetTable(ranges),
                    NetTable((c, True) for c in INTERNAL), NetTable((c, True) for c in settings.no_dns_allow),
-                   everything, started + settings.learning, learned, settings, sanctioned)
+                   everything, started + settings.learning, learned, settings, sanctioned, quiet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +226,7 @@ def doq(obs: Observation, ctx: Context) -> Finding | None:
 def _encrypted_dns_name(name: str | None, ctx: Context) -> bool:
     if not name:
         return False
-    rule = ctx.policy.match(ctx.everything, name)
+    rule = ctx.match(ctx.everything, name)
     return rule is not None and rule.service == ENCRYPTED_DNS
 
 
@@ -266,7 +280,7 @@ def blocked_sni(obs: Observation, ctx: Context) -> Finding | None:
     if obs.kind != "hello" or not obs.sni:
         return None
     group, _ = ctx.classify(obs.version, obs.client)
-    rule = (group and ctx.policy.match(group, obs.sni)) or ctx.policy.match(ctx.everything, obs.sni)
+    rule = (group and ctx.match(group, obs.sni)) or ctx.match(ctx.everything, obs.sni)
     if rule is None or rule.service == ENCRYPTED_DNS:
         return None
     return Finding("blocked-sni", obs, rule.service,
@@ -290,7 +304,7 @@ def no_dns(obs: Observation, ctx: Context) -> Finding | None:
     if obs.kind != "connect" or obs.transport not in ("tcp", "quic") or obs.server_port == 53:
         return None
     where = (obs.version, obs.server)
-    if where in ctx.internal or where in ctx.sanctioned or where in ctx.allow:
+    if where in ctx.quiet:                       # internal, sanctioned or allowed
         return None
     if ctx.ranges.get(*where):
         return None                              # blocked-ip, doh-ip or httpdns speak for it
