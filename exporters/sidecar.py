@@ -70,8 +70,9 @@ class Engine:
         flows already read, server traffic, short-header QUIC, other UDP. For each, `observe`'s own
         tests, in its order, are read off header bytes before any object is built, and the flow's
         place in its table is refreshed as `observe` would (so state and eviction order stay the
-        same). Untagged Ethernet IPv4 without options is located inline; anything else by
-        packets.locate. Only the rest becomes a Packet (`_deliver`)."""
+        same). Untagged Ethernet IPv4 without options is located inline (its flow_key is then
+        bytes 26-38: addresses and ports back to back); anything else by packets.locate. Only the
+        rest becomes a Packet (`_deliver`)."""
         rows = []
         metrics = self.metrics
         triage = self.triage
@@ -107,11 +108,12 @@ class Engine:
                         at = None
                     else:
                         at = (4, 14, proto, 34, data, end)
-                        p = 34
+                        p, inline = 34, True
                 else:
                     at = locate(frame, linktype)
                     if at is not None:
                         _, _, proto, p, data, end = at
+                        inline = False
                 if at is None:
                     unparsed += 1
                     if metrics is not None:
@@ -122,16 +124,17 @@ class Engine:
                     if proto == UDP:
                         if dport == 443:
                             if not (data < end and frame[data] & 0x80):    # not a long header
-                                key = flow_key(frame, at)
+                                key = frame[26:38] if inline else flow_key(frame, at)
                                 if key in quic_flows:
                                     quic_touch(key)
                                 continue
-                        elif dport != 53 and dport != 853 or flow_key(frame, at) in udp_flows:
+                        elif dport != 53 and dport != 853 or (
+                                frame[26:38] if inline else flow_key(frame, at)) in udp_flows:
                             continue
                     elif not frame[p + 13] & 0x12 == 0x02:             # not a connection attempt
                         if data >= end:
                             continue                                   # no payload: ACK, FIN, RST
-                        key = flow_key(frame, at)
+                        key = frame[26:38] if inline else flow_key(frame, at)
                         state = tcp_get(tcp, key)                      # LRU.get, inline
                         if state is not None:
                             tcp_touch(key)
@@ -257,8 +260,10 @@ class Engine:
         return [self._obs(pkt, "http", "tcp", name=host, detail=parts[1].decode("ascii", "replace")[:512])]
 
     @staticmethod
-    def _obs(pkt: Packet, kind: str, transport: str, **extra) -> Observation:
-        return Observation(pkt.time, kind, transport, pkt.version, pkt.src, pkt.dst, pkt.sport, pkt.dport, **extra)
+    def _obs(pkt: Packet, kind: str, transport: str, sni: str | None = None, alpn: tuple[str, ...] = (),
+             name: str | None = None, detail: str = "") -> Observation:
+        return Observation(pkt.time, kind, transport, pkt.version, pkt.src, pkt.dst, pkt.sport, pkt.dport,
+                           sni, alpn, name, detail)
 
     def summary(self) -> str:
         lines = [f"{'detector':<14}{'alerts':>8}{'repeats':>9}{'counted':>9}"]
