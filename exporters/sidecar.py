@@ -318,7 +318,7 @@ class Reloader:
 
 def run_pcap(engine: Engine, path: str) -> int:
     from .capture import CaptureError, read_pcap
-    start, cpu, first = time.perf_counter(), time.process_time(), engine.packets
+    start, cpu, first, waited = time.perf_counter(), time.process_time(), engine.packets, _waited()
     try:
         engine.feed_all(read_pcap(path))
     except (OSError, CaptureError) as e:
@@ -328,9 +328,21 @@ def run_pcap(engine: Engine, path: str) -> int:
     took, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(engine.summary(), file=sys.stderr)
     n = engine.packets - first
-    print(f"read in {took:.2f} s ({cpu:.2f} s CPU): {n / max(took, 1e-9):,.0f} packets/s "
+    after = _waited()
+    wait = f", {after - waited:.2f} s waiting for a CPU" if after is not None and waited is not None else ""
+    print(f"read in {took:.2f} s ({cpu:.2f} s CPU{wait}): {n / max(took, 1e-9):,.0f} packets/s "
           f"({n / max(cpu, 1e-9):,.0f} per CPU second)", file=sys.stderr)
     return 0
+
+
+def _waited() -> float | None:
+    """Seconds this thread has waited, runnable, for a CPU (Linux schedstat; None elsewhere): the
+    part of wall time that other processes took, so a slow run on a busy machine says so."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def run_live(engine: Engine, ifaces: list[str], reloader: Reloader, metrics=None, stop=None) -> int:
