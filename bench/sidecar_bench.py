@@ -93,9 +93,9 @@ def write_capture(path: Path, packets: int, seed: int = 5) -> dict:
         while written < packets:
             kind = rng.random()
             c, s, sport = rng.choice(clients), rng.choice(servers), rng.randrange(1024, 65535)
-            if kind < 0.10 and written + 1 < packets:       # SYN, then the ClientHello
+            if kind < 0.10 and written + 1 < packets:       # SYN (seq 1), then the ClientHello (seq 2: SYN + 1)
                 frames = [ether(ipv4(c, s, 6, tcp(sport, 443, 0x02))),
-                          ether(ipv4(c, s, 6, tcp(sport, 443, 0x18, client_hello(rng.choice(snis), rng))))]
+                          ether(ipv4(c, s, 6, tcp(sport, 443, 0x18, client_hello(rng.choice(snis), rng), seq=2)))]
                 counts["syn"] += 1
                 counts["client_hello"] += 1
             elif kind < 0.15:                                  # QUIC long header (Initial) to 443
@@ -167,6 +167,12 @@ def run_sidecar(cmd: list[str], timeout: float) -> dict:
     result = {"seconds": round(elapsed, 2), "exit": out.returncode}
     if m:
         result["packets_seen"], result["unparsed"] = int(m.group(1)), int(m.group(2))
+    # the sidecar's own account of its read loop: wall, CPU and (Linux) time spent waiting for a CPU
+    m = re.search(r"read in ([\d.]+) s \(([\d.]+) s CPU(?:, ([\d.]+) s waiting for a CPU)?\)", out.stderr)
+    if m:
+        result["loop_seconds"], result["loop_cpu_seconds"] = float(m.group(1)), float(m.group(2))
+        if m.group(3) is not None:
+            result["cpu_wait_seconds"] = float(m.group(3))
     summary = [l for l in out.stderr.splitlines() if re.match(r"\S+\s+\d+\s+\d+\s+\d+$", l)]
     result["detector_lines"] = summary
     if out.returncode:
@@ -304,7 +310,9 @@ def main(argv=None) -> int:
                  f"load average {result['loadavg']}", "",
                  "| reader | seconds (best of 2) | packets/s | notes |", "|---|---:|---:|---|",
                  f"| sinkhole sidecar --pcap | {s.get('seconds')} | {s.get('pps')} | seen {s.get('packets_seen')}, "
-                 f"unparsed {s.get('unparsed')}{' ERROR ' + s.get('stderr', '') if s.get('exit') else ''} |",
+                 f"unparsed {s.get('unparsed')}; read loop {s.get('loop_seconds')} s, {s.get('loop_cpu_seconds')} s CPU, "
+                 f"{s.get('cpu_wait_seconds', '-')} s waiting for a CPU"
+                 f"{' ERROR ' + s.get('stderr', '') if s.get('exit') else ''} |",
                  f"| tshark SNI extraction | {t.get('seconds', '-')} | {t.get('pps', '-')} | "
                  f"{t.get('snis', t.get('skipped'))} SNIs {t.get('warning', '')} |"]
         if s.get("pps") and t.get("pps"):

@@ -11,10 +11,10 @@ import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 
-from resolver.policy import ENCRYPTED_DNS, Group, Policy
+from resolver.policy import ENCRYPTED_DNS, Group, Policy, forget_oldest
 
 from .lru import LRU
-from .packets import Observation
+from .packets import Observation, ip_text
 
 DETECTORS = ("external-dns", "dot", "doq", "doh-sni", "doh-ip", "doh-quic", "httpdns",
              "blocked-sni", "blocked-ip", "no-dns")
@@ -41,7 +41,10 @@ HTTPDNS_NAME = re.compile(r"[?&](?:dn|host|name)=([A-Za-z0-9._-]{1,253})")
 
 
 class NetTable:
-    """CIDR -> values; `get` returns the values of every prefix that holds an address."""
+    """CIDR -> values; `get` returns the values of every prefix that holds an address. Immutable
+    once built, so answers are memoised (bounded: the oldest are forgotten when full)."""
+
+    MEMO_MAX = 65536
 
     def __init__(self, entries=()):
         table: dict[int, dict[int, dict[int, list]]] = {4: {}, 6: {}}
@@ -52,14 +55,22 @@ class NetTable:
             nets.setdefault(int(net.network_address) >> (bits - net.prefixlen), []).append(value)
         self._table = {v: tuple(sorted(((p, {k: tuple(x) for k, x in d.items()}) for p, d in t.items()),
                                        reverse=True)) for v, t in table.items()}
+        self._memo: dict[tuple[int, int], tuple] = {}
 
     def get(self, version: int, addr: int) -> tuple:
+        key = (version, addr)
+        out = self._memo.get(key)
+        if out is not None:
+            return out
         bits = 32 if version == 4 else 128
         out = ()
         for prefixlen, nets in self._table[version]:
             found = nets.get(addr >> (bits - prefixlen))
             if found:
                 out += found
+        if len(self._memo) >= self.MEMO_MAX:
+            forget_oldest(self._memo)
+        self._memo[key] = out
         return out
 
     def __contains__(self, key) -> bool:
@@ -126,6 +137,30 @@ class Context:
     learned: Learned
     settings: Settings
     sanctioned_text: tuple[str, ...] = field(default=())
+    quiet: NetTable = field(default_factory=NetTable)   # internal + sanctioned + allow: no-dns skips
+    clients: dict = field(default_factory=dict, compare=False)   # (version, address) -> classify()
+    matches: dict = field(default_factory=dict, compare=False)   # (group name, name) -> match()
+
+    def classify(self, version: int, address: int) -> tuple[Group | None, tuple[int, int]]:
+        """policy.classify of a client given as (version, int), memoised for this snapshot."""
+        key = (version, address)
+        out = self.clients.get(key)
+        if out is None:
+            if len(self.clients) >= NetTable.MEMO_MAX:
+                forget_oldest(self.clients)
+            out = self.clients[key] = self.policy.classify(ip_text(version, address))
+        return out
+
+    def match(self, group: Group, name: str):
+        """policy.match(group, name), memoised for this snapshot (names repeat: SNIs, Hosts)."""
+        key = (None if group is self.everything else group.name, name)
+        try:
+            return self.matches[key]
+        except KeyError:
+            if len(self.matches) >= NetTable.MEMO_MAX:
+                forget_oldest(self.matches)
+            out = self.matches[key] = self.policy.match(group, name)
+            return out
 
 
 def sanctioned_addresses(config) -> tuple[str, ...]:
@@ -142,9 +177,10 @@ def build_context(policy: Policy, sanctioned: tuple[str, ...], learned: Learned,
     ranges = [(r.cidr, (service.name, r.tags)) for service in policy.services.values() for r in service.ip_ranges]
     some = next(iter(policy.groups.values()))
     everything = replace(some, name="*", block=frozenset(policy.services))
+    quiet = NetTable((c, True) for c in INTERNAL + tuple(sanctioned) + tuple(settings.no_dns_allow))
     return Context(policy, NetTable((s, True) for s in sanctioned), NetTable(ranges),
                    NetTable((c, True) for c in INTERNAL), NetTable((c, True) for c in settings.no_dns_allow),
-                   everything, started + settings.learning, learned, settings, sanctioned)
+                   everything, started + settings.learning, learned, settings, sanctioned, quiet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +226,7 @@ def doq(obs: Observation, ctx: Context) -> Finding | None:
 def _encrypted_dns_name(name: str | None, ctx: Context) -> bool:
     if not name:
         return False
-    rule = ctx.policy.match(ctx.everything, name)
+    rule = ctx.match(ctx.everything, name)
     return rule is not None and rule.service == ENCRYPTED_DNS
 
 
@@ -243,8 +279,8 @@ def httpdns(obs: Observation, ctx: Context) -> Finding | None:
 def blocked_sni(obs: Observation, ctx: Context) -> Finding | None:
     if obs.kind != "hello" or not obs.sni:
         return None
-    group, _ = ctx.policy.classify(obs.client_ip)
-    rule = (group and ctx.policy.match(group, obs.sni)) or ctx.policy.match(ctx.everything, obs.sni)
+    group, _ = ctx.classify(obs.version, obs.client)
+    rule = (group and ctx.match(group, obs.sni)) or ctx.match(ctx.everything, obs.sni)
     if rule is None or rule.service == ENCRYPTED_DNS:
         return None
     return Finding("blocked-sni", obs, rule.service,
@@ -268,7 +304,7 @@ def no_dns(obs: Observation, ctx: Context) -> Finding | None:
     if obs.kind != "connect" or obs.transport not in ("tcp", "quic") or obs.server_port == 53:
         return None
     where = (obs.version, obs.server)
-    if where in ctx.internal or where in ctx.sanctioned or where in ctx.allow:
+    if where in ctx.quiet:                       # internal, sanctioned or allowed
         return None
     if ctx.ranges.get(*where):
         return None                              # blocked-ip, doh-ip or httpdns speak for it
@@ -279,15 +315,26 @@ def no_dns(obs: Observation, ctx: Context) -> Finding | None:
 
 
 ORDER = (external_dns, dot, doq, doh_sni, doh_quic, doh_ip, httpdns, blocked_sni, blocked_ip, no_dns)
+# ORDER by observation kind: the detectors that can return a finding for it (each of the others
+# starts by returning None for that kind; tests/unit/test_sidecar_detectors.py checks this).
+BY_KIND = {
+    "connect": (external_dns, dot, doq, httpdns, blocked_ip, no_dns),
+    "hello": (dot, doq, doh_sni, doh_quic, doh_ip, blocked_sni),
+    "http": (httpdns,),
+}
 
 
 def detect(obs: Observation, ctx: Context) -> list[Finding]:
     """Every finding for one observation, each marked alert or counted-only, with the reason."""
-    findings = [f for f in (d(obs, ctx) for d in ORDER) if f is not None]
+    findings = []
+    for d in BY_KIND.get(obs.kind, ORDER):
+        f = d(obs, ctx)
+        if f is not None:
+            findings.append(f)
     if not findings:
         return findings
     policy = ctx.policy
-    group, key = policy.classify(obs.client_ip)
+    group, key = ctx.classify(obs.version, obs.client)
     out = []
     for f in findings:
         quiet = ""
@@ -308,7 +355,8 @@ def detect(obs: Observation, ctx: Context) -> list[Finding]:
                 by = ctx.learned.explained(key, obs.time)
                 if by:
                     quiet = f"explained by {by}"
-        out.append(replace(f, group=group.name if group else "-", alert=not quiet, why_quiet=quiet))
+        out.append(Finding(f.detector, obs, f.service, f.evidence, f.name, group.name if group else "-",
+                           not quiet, quiet))
     for f in out:
         if f.alert and f.detector in RESOLVER_BYPASS:
             ctx.learned.flag(key, f.detector, obs.time)

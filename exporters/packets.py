@@ -8,6 +8,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from resolver.wire import WireError, parse_query, read_name
+
 # pcap link types (tcpdump.org/linktypes.html)
 LINKTYPE_ETHERNET, LINKTYPE_RAW, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2 = 1, 101, 113, 276
 LINKTYPE_RAW_ALIASES = {12, 14, 101, 228, 229}
@@ -184,7 +186,6 @@ class Observation:
 
 def dns_question(message: bytes) -> str | None:
     """The name a DNS query asks for, or None when it is not a readable query."""
-    from resolver.wire import WireError, parse_query
     try:
         return parse_query(message).qname
     except (WireError, IndexError, ValueError, UnicodeError):

@@ -61,20 +61,99 @@ class Engine:
 
     # -- the processing order, once ----------------------------------------------------------
     def feed(self, when: float, linktype: int, frame: bytes) -> list[dict]:
-        if self.started is None:                       # a pcap: its first packet starts the clock
-            self.started = when
-            self.ctx = build_context(self.policy, self.sanctioned, self.learned, when, self.settings)
-        self.packets += 1
-        if self.metrics is not None:
-            self.metrics.packets.inc()
-        at = locate(frame, linktype)
-        if at is None:
-            self.unparsed += 1
-            if self.metrics is not None:
-                self.metrics.unparsed.inc()
-            return []
-        if self.triage and self._nothing_to_see(frame, at):
-            return []
+        return self.feed_all(((when, linktype, frame),))
+
+    def feed_all(self, frames) -> list[dict]:
+        """Every (time, linktype, frame) of an iterable, in order; the alert rows they raised.
+
+        One loop for the whole capture, because most packets need nothing: ACKs, mid-flow data of
+        flows already read, server traffic, short-header QUIC, other UDP. For each, `observe`'s own
+        tests, in its order, are read off header bytes before any object is built, and the flow's
+        place in its table is refreshed as `observe` would (so state and eviction order stay the
+        same). Untagged Ethernet IPv4 without options is located inline (its flow_key is then
+        bytes 26-38: addresses and ports back to back); anything else by packets.locate. Only the
+        rest becomes a Packet (`_deliver`)."""
+        rows = []
+        metrics = self.metrics
+        triage = self.triage
+        tcp, quic_flows, udp_flows = self.tcp, self.quic, self.udp
+        tcp_get, tcp_touch, quic_touch = dict.get, tcp.move_to_end, quic_flows.move_to_end
+        deliver = self._deliver
+        n = unparsed = 0
+        try:
+            for when, linktype, frame in frames:
+                n += 1
+                if self.started is None:               # a pcap: its first packet starts the clock
+                    self.started = when
+                    self.ctx = build_context(self.policy, self.sanctioned, self.learned, when, self.settings)
+                if metrics is not None:
+                    metrics.packets.inc()
+                # where things are (packets.locate), inline for the common frame
+                if (linktype == 1 and len(frame) >= 42 and frame[12] == 8 and frame[13] == 0
+                        and frame[14] == 0x45 and not frame[20] & 0x1F and not frame[21]
+                        and (frame[23] == 6 or frame[23] == 17)):
+                    proto = frame[23]
+                    end = 14 + (frame[16] << 8 | frame[17])
+                    size = len(frame)
+                    if end > size:
+                        end = size
+                    data = 42
+                    if proto == TCP:
+                        data = 34 + (frame[46] >> 4) * 4
+                        if end < 54 or data < 54 or data > end:
+                            data = -1
+                    elif end < 42:
+                        data = -1
+                    if data < 0:
+                        at = None
+                    else:
+                        at = (4, 14, proto, 34, data, end)
+                        p, inline = 34, True
+                else:
+                    at = locate(frame, linktype)
+                    if at is not None:
+                        _, _, proto, p, data, end = at
+                        inline = False
+                if at is None:
+                    unparsed += 1
+                    if metrics is not None:
+                        metrics.unparsed.inc()
+                    continue
+                if triage and frame[p] << 8 | frame[p + 1] != 53:     # 53: maybe our resolver's answer
+                    dport = frame[p + 2] << 8 | frame[p + 3]
+                    if proto == UDP:
+                        if dport == 443:
+                            if not (data < end and frame[data] & 0x80):    # not a long header
+                                key = frame[26:38] if inline else flow_key(frame, at)
+                                if key in quic_flows:
+                                    quic_touch(key)
+                                continue
+                        elif dport != 53 and dport != 853 or (
+                                frame[26:38] if inline else flow_key(frame, at)) in udp_flows:
+                            continue
+                    elif not frame[p + 13] & 0x12 == 0x02:             # not a connection attempt
+                        if data >= end:
+                            continue                                   # no payload: ACK, FIN, RST
+                        key = frame[26:38] if inline else flow_key(frame, at)
+                        state = tcp_get(tcp, key)                      # LRU.get, inline
+                        if state is not None:
+                            tcp_touch(key)
+                            if state is DONE:
+                                continue
+                        else:
+                            head = frame[data:data + 5 if data + 5 < end else end]
+                            if not (head.startswith(HTTP_METHODS) or looks_like_tls(head)):
+                                continue
+                found = deliver(when, frame, at)
+                if found:
+                    rows += found
+        finally:
+            self.packets += n
+            self.unparsed += unparsed
+        return rows
+
+    def _deliver(self, when: float, frame: bytes, at: tuple) -> list[dict]:
+        """A located packet that may tell something: observations, findings, alerts."""
         pkt = packet_at(frame, at, when)
         ctx = self.ctx                                 # one snapshot for the whole packet
         rows = []
@@ -99,39 +178,6 @@ class Engine:
                     if self.metrics is not None:
                         self.metrics.alerts.labels(f.detector).inc()
         return rows
-
-    def _nothing_to_see(self, frame: bytes, at: tuple) -> bool:
-        """True when `observe` would do nothing with this packet but refresh its flow's place in a
-        table (done here too, so state and eviction order stay the same): observe's own tests, in
-        its order, read off header bytes before any object is built. Most packets end here: ACKs,
-        mid-flow data of flows already read, server traffic, short-header QUIC, other UDP."""
-        _, _, proto, p, data, end = at
-        if frame[p] << 8 | frame[p + 1] == 53:
-            return False                              # maybe our resolver's answer
-        dport = frame[p + 2] << 8 | frame[p + 3]
-        if proto == UDP:
-            if dport == 443:
-                if data < end and frame[data] & 0x80:
-                    return False                      # a long header: maybe a client Initial
-                key = flow_key(frame, at)
-                if key in self.quic:
-                    self.quic.move_to_end(key)
-                return True
-            return dport not in (53, 853) or flow_key(frame, at) in self.udp
-        if frame[p + 13] & 0x12 == 0x02:
-            return False                              # a connection attempt
-        if data >= end:
-            return True                               # no payload: ACK, FIN, RST
-        key = flow_key(frame, at)
-        state = dict.get(self.tcp, key)               # LRU.get, inline
-        if state is not None:
-            self.tcp.move_to_end(key)
-        if state is DONE:
-            return True
-        if state is None:
-            head = frame[data:min(data + 5, end)]
-            return not (head.startswith(HTTP_METHODS) or looks_like_tls(head))
-        return False
 
     def observe(self, pkt: Packet, ctx) -> list[Observation]:
         """What one packet tells: learn our resolver's answers; turn client packets into
@@ -214,8 +260,10 @@ class Engine:
         return [self._obs(pkt, "http", "tcp", name=host, detail=parts[1].decode("ascii", "replace")[:512])]
 
     @staticmethod
-    def _obs(pkt: Packet, kind: str, transport: str, **extra) -> Observation:
-        return Observation(pkt.time, kind, transport, pkt.version, pkt.src, pkt.dst, pkt.sport, pkt.dport, **extra)
+    def _obs(pkt: Packet, kind: str, transport: str, sni: str | None = None, alpn: tuple[str, ...] = (),
+             name: str | None = None, detail: str = "") -> Observation:
+        return Observation(pkt.time, kind, transport, pkt.version, pkt.src, pkt.dst, pkt.sport, pkt.dport,
+                           sni, alpn, name, detail)
 
     def summary(self) -> str:
         lines = [f"{'detector':<14}{'alerts':>8}{'repeats':>9}{'counted':>9}"]
@@ -270,13 +318,11 @@ class Reloader:
 
 def run_pcap(engine: Engine, path: str, health=None) -> int:
     from .capture import CaptureError, read_pcap
-    feed = engine.feed
-    start, cpu, first = time.perf_counter(), time.process_time(), engine.packets
+    start, cpu, first, waited = time.perf_counter(), time.process_time(), engine.packets, _waited()
     if health is not None:
         health.reading(path)
     try:
-        for when, linktype, frame in read_pcap(path):
-            feed(when, linktype, frame)
+        engine.feed_all(read_pcap(path))
     except (OSError, CaptureError) as e:
         if health is not None:
             health.failed(str(e))
@@ -288,9 +334,21 @@ def run_pcap(engine: Engine, path: str, health=None) -> int:
     took, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(engine.summary(), file=sys.stderr)
     n = engine.packets - first
-    print(f"read in {took:.2f} s ({cpu:.2f} s CPU): {n / max(took, 1e-9):,.0f} packets/s "
+    after = _waited()
+    wait = f", {after - waited:.2f} s waiting for a CPU" if after is not None and waited is not None else ""
+    print(f"read in {took:.2f} s ({cpu:.2f} s CPU{wait}): {n / max(took, 1e-9):,.0f} packets/s "
           f"({n / max(cpu, 1e-9):,.0f} per CPU second)", file=sys.stderr)
     return 0
+
+
+def _waited() -> float | None:
+    """Seconds this thread has waited, runnable, for a CPU (Linux schedstat; None elsewhere): the
+    part of wall time that other processes took, so a slow run on a busy machine says so."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def run_live(engine: Engine, ifaces: list[str], reloader: Reloader, metrics=None, stop=None,

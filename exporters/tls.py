@@ -67,64 +67,74 @@ def hello_from_handshake(stream: bytes) -> ClientHello | None:
 
 
 def parse_client_hello(body: bytes) -> ClientHello:
-    """The ClientHello body (after the 4-byte handshake header)."""
-    r = _Reader(body)
-    r.skip(2 + 32)                       # legacy_version, random
-    r.skip(r.u8())                       # session id
-    r.skip(r.u16())                      # cipher suites
-    r.skip(r.u8())                       # compression methods
-    if r.left() == 0:
-        return ClientHello(None)         # no extensions at all
-    ext = _Reader(r.take(r.u16()))
+    """The ClientHello body (after the 4-byte handshake header). Offsets into `body`, checked
+    against the end of the field they are in (a field running past it is a TLSError)."""
+    n = len(body)
+    p = 34                                   # legacy_version, random
+    for width in (1, 2, 1):                  # session id, cipher suites, compression methods
+        if p + width > n:
+            raise TLSError(_PAST_END)
+        p += width + (body[p] if width == 1 else body[p] << 8 | body[p + 1])
+        if p > n:
+            raise TLSError(_PAST_END)
+    if p == n:
+        return ClientHello(None)             # no extensions at all
+    if p + 2 > n:
+        raise TLSError(_PAST_END)
+    ext_end = p + 2 + (body[p] << 8 | body[p + 1])
+    p += 2
+    if ext_end > n:
+        raise TLSError(_PAST_END)
     sni, alpn, versions, ech = None, (), (), False
     for _ in range(256):
-        if ext.left() < 4:
+        if ext_end - p < 4:
             break
-        etype, data = ext.u16(), _Reader(ext.take(ext.u16()))
-        if etype == EXT_SNI and data.left():
-            names = _Reader(data.take(data.u16()))
-            while names.left() >= 3:
-                kind, name = names.u8(), names.take(names.u16())
+        etype, d = body[p] << 8 | body[p + 1], p + 4
+        end = d + (body[p + 2] << 8 | body[p + 3])
+        if end > ext_end:
+            raise TLSError(_PAST_END)
+        p = end
+        if etype == EXT_SNI and d < end:
+            q, names_end = _field16(body, d, end)
+            while names_end - q >= 3:
+                kind, q, name_end = body[q], q + 3, q + 3 + (body[q + 1] << 8 | body[q + 2])
+                if name_end > names_end:
+                    raise TLSError(_PAST_END)
                 if kind == 0:
-                    sni = name.decode("ascii", "replace").lower().rstrip(".")
+                    sni = body[q:name_end].decode("ascii", "replace").lower().rstrip(".")
                     break
-        elif etype == EXT_ALPN and data.left():
-            protos = _Reader(data.take(data.u16()))
+                q = name_end
+        elif etype == EXT_ALPN and d < end:
+            q, protos_end = _field16(body, d, end)
             out = []
-            while protos.left() and len(out) < 32:
-                out.append(protos.take(protos.u8()).decode("ascii", "replace"))
+            while q < protos_end and len(out) < 32:
+                q, proto_end = q + 1, q + 1 + body[q]
+                if proto_end > protos_end:
+                    raise TLSError(_PAST_END)
+                out.append(body[q:proto_end].decode("ascii", "replace"))
+                q = proto_end
             alpn = tuple(out)
-        elif etype == EXT_VERSIONS and data.left():
-            vs = _Reader(data.take(data.u8()))
-            versions = tuple(vs.u16() for _ in range(vs.left() // 2))
+        elif etype == EXT_VERSIONS and d < end:
+            q, vs_end = d + 1, d + 1 + body[d]
+            if vs_end > end:
+                raise TLSError(_PAST_END)
+            versions = tuple(body[i] << 8 | body[i + 1] for i in range(q, q + (vs_end - q) // 2 * 2, 2))
         elif etype == EXT_ECH:
             ech = True
     return ClientHello(sni or None, alpn, versions, ech)
 
 
-class _Reader:
-    __slots__ = ("data", "pos")
+_PAST_END = "field runs past its end"
 
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
 
-    def left(self) -> int:
-        return len(self.data) - self.pos
-
-    def take(self, n: int) -> bytes:
-        if n > self.left():
-            raise TLSError("field runs past its end")
-        self.pos += n
-        return self.data[self.pos - n:self.pos]
-
-    def skip(self, n: int) -> None:
-        self.take(n)
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u16(self) -> int:
-        return int.from_bytes(self.take(2), "big")
+def _field16(body: bytes, p: int, end: int) -> tuple[int, int]:
+    """(start, end) of the 16-bit-length-prefixed field at p, which must end by `end`."""
+    if p + 2 > end:
+        raise TLSError(_PAST_END)
+    stop = p + 2 + (body[p] << 8 | body[p + 1])
+    if stop > end:
+        raise TLSError(_PAST_END)
+    return p + 2, stop
 
 
 class Reassembly:
