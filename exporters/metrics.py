@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from resolver.exposition import BYPASS_DETECTIONS
+from resolver.exposition import BYPASS_DETECTIONS, LABELS
 
 from .detectors import DETECTORS
 
@@ -36,7 +36,7 @@ class SidecarMetrics:
                              "Resolver answers and flagged clients remembered for no-dns.", registry=r)
         self.reloads = Counter("sinkhole_bypass_policy_reloads_total", "Policy reloads by result.",
                                ["result"], registry=r)
-        for result in ("ok", "failed"):
+        for result in sorted(LABELS["result"]):
             self.reloads.labels(result)
         for detector in DETECTORS:
             self.alerts.labels(detector)

@@ -30,7 +30,8 @@ LABELS = {
     "rcode": frozenset({"NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "BADVERS", "other"}),
     "qtype": frozenset({"A", "AAAA", "CNAME", "HTTPS", "SVCB", "MX", "TXT", "PTR", "SRV", "NS", "SOA",
                         "ANY", "other"}),
-    "reason": frozenset({"malformed", "internal", "overload", "tcp-connections", "rate-limited", "other"}),
+    "reason": frozenset({"malformed", "internal", "overload", "tcp-connections", "ratelimit", "other"}),
+    "result": frozenset({"ok", "failed"}),      # the sidecar's policy reloads
 }
 # `_info` metrics carry descriptive labels (one series at a time), nothing else may.
 INFO_LABELS = frozenset({"version", "python_version", "revision"})

@@ -1,11 +1,11 @@
 """End to end: a real Prometheus on loopback scrapes a running resolver (under traffic from dnspython
-clients, with dnsmasq as its upstream) and a stand-in exporter of the sidecar's metric; then every
-query in the Grafana dashboard is evaluated through Prometheus' HTTP API and must return data, the
-alert rules load, and the alerts the data calls for fire.
+clients, with dnsmasq as its upstream) and a real bypass sidecar (`sinkhole sidecar --pcap` reading a
+capture this test writes into a FIFO); then every query in the Grafana dashboard is evaluated through
+Prometheus' HTTP API and must return data, the alert rules load, and the alerts the data calls for
+fire, with the sidecar's own detector names.
 
-The sidecar (exporters/) is not on main yet, so `sinkhole_bypass_detections_total` comes from a tiny
-real process that declares it with the shared helper (resolver.exposition.bypass_detections) and
-serves it with the same endpoint code the resolver uses.
+The sidecar blocks reading the FIFO, so it keeps serving /metrics for the whole test; the capture
+is written only once Prometheus holds the sidecar's series at 0, so the detections are an increase.
 """
 from __future__ import annotations
 
@@ -21,12 +21,19 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import (stop_process, ROOT, TEST_POLICY, TEST_SERVICES, Dnsmasq, Sinkhole, ask, free_port, have,
-                     write_blocklists)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
+
+from helpers import (stop_process, ROOT, TEST_POLICY, TEST_SERVICES, Dnsmasq, Sinkhole, ask, free_port,  # noqa: E402
+                     have, write_blocklists)
+from exporters.capture import _CHUNK  # noqa: E402
+from exporters.detectors import DETECTORS  # noqa: E402
+from sidecar_frames import (CHAT_IP, DESKTOP, DOH_IP, MOBILE, PCAP_HEADER, open_writer,  # noqa: E402
+                            pcap_records, sidecar_config, syn)
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not have("prometheus"), reason="needs prometheus (Debian prometheus)"),
@@ -37,19 +44,22 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "sinkhole.json"
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RATE_INTERVAL = "15s"           # what Grafana's $__rate_interval becomes at a 1 s scrape interval
 
-SIDECAR_STANDIN = r"""
-import logging, sys, threading
-from prometheus_client import CollectorRegistry
-from resolver.exposition import bypass_detections, serve_metrics
-logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-registry = CollectorRegistry()
-detections = bypass_detections(registry, ["doh_sni", "dot_853"], ["desktop", "mobile"])
-serve_metrics(registry, "127.0.0.1", 0)
-tick = threading.Event()
-for _ in range(600):                          # at most about five minutes, then exit by itself
-    detections[("doh_sni", "desktop")].inc()
-    tick.wait(0.5)
-"""
+# What the capture holds: desktops reaching a blocked service's address and DNS over TLS, a mobile
+# reaching the same (its group blocks nothing, so only the desktop group may fire the alert).
+BYPASS = [syn(DESKTOP, CHAT_IP, 5222), syn(DESKTOP, DOH_IP, 853), syn(MOBILE, CHAT_IP, 5222)]
+EXPECTED = {("blocked-ip", "desktop"), ("dot", "desktop")}
+
+
+def capture_chunk() -> bytes:
+    """The header and BYPASS, padded with frames of an unknown EtherType (no detector looks at them)
+    so that the sidecar's first large read (exporters/capture._CHUNK) is filled and returns now;
+    what is over the read is less than a pipe's buffer, so writing it never blocks."""
+    records = pcap_records(BYPASS)
+    filler = bytes(6) + bytes(6) + b"\x88\xb5" + bytes(60000)
+    fillers = -(-(_CHUNK - len(records)) // (16 + len(filler)))
+    records += pcap_records([filler] * fillers, first=2000)
+    assert _CHUNK <= len(records) < _CHUNK + 65536
+    return PCAP_HEADER + records
 
 
 class Process:
@@ -160,10 +170,15 @@ def test_prometheus_scrapes_the_resolver_and_every_dashboard_query_has_data(tmp_
         body, code = health.stdout.rsplit("\n", 1)
         assert code == "200" and "serving DNS with policy" in body, health
 
-        sidecar = Process([sys.executable, "-c", SIDECAR_STANDIN], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"))
+        fifo = tmp_path / "capture.pcap"
+        os.mkfifo(fifo)
+        sidecar = Process([sys.executable, "-m", "resolver", "sidecar", "-c", str(sidecar_config(tmp_path / "sidecar")),
+                           "--pcap", str(fifo), "--learning", "0", "--metrics", "127.0.0.1:0"], cwd=ROOT,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
         started.append(sidecar)
-        sidecar_port = port_of(sidecar.wait_line("metrics on 127.0.0.1 port", 20))
+        sidecar_port = port_of(sidecar.wait_line("metrics on 127.0.0.1 port", 30))
+        capture = open_writer(fifo)
+        started.append(capture)
 
         load = threading.Thread(target=traffic, args=(server, stop), daemon=True)
         load.start()
@@ -185,6 +200,15 @@ def test_prometheus_scrapes_the_resolver_and_every_dashboard_query_has_data(tmp_
             targets = api(base, "/api/v1/targets")["activeTargets"]
             return len(targets) == 2 and all(t["health"] == "up" for t in targets)
         poll(targets_up, 60, "both targets up")
+
+        # the sidecar's series are held at 0 (pre-initialised for every detector and group); now the capture
+        def detections():
+            return api(base, "/api/v1/query", query='sinkhole_bypass_detections_total{job="sinkhole-sidecar"}')["result"]
+        zero = poll(detections, 60, "the sidecar's detections at 0")
+        assert {r["metric"]["detector"] for r in zero} == set(DETECTORS)
+        assert all(float(r["value"][1]) == 0 for r in zero), zero
+        capture.write(capture_chunk())
+        capture.flush()
 
         # every alert rule loaded and evaluates without error
         rules = {r["name"]: r for g in api(base, "/api/v1/rules")["groups"] for r in g["rules"]}
@@ -210,6 +234,11 @@ def test_prometheus_scrapes_the_resolver_and_every_dashboard_query_has_data(tmp_
             names = {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
             return {"SinkholeExemptionExpiringSoon", "SinkholeBypassFromDesktop"} <= names and names
         names = poll(firing, 60, "the exemption and bypass alerts to fire")
+        bypass = {a["labels"]["detector"] for a in api(base, "/api/v1/alerts")["alerts"]
+                  if a["labels"]["alertname"] == "SinkholeBypassFromDesktop" and a["state"] == "firing"}
+        assert bypass == {detector for detector, _ in EXPECTED}
+        counted = {(r["metric"]["detector"], r["metric"]["group"]): float(r["value"][1]) for r in detections()}
+        assert {key for key, n in counted.items() if n} == EXPECTED | {("blocked-ip", "mobile")}, counted
         assert "SinkholeResolverDown" not in names and "SinkholePolicyReloadFailing" not in names
         assert all(r["health"] == "ok" for r in rules.values()), rules
 
@@ -223,6 +252,8 @@ def test_prometheus_scrapes_the_resolver_and_every_dashboard_query_has_data(tmp_
         for part in reversed(started):
             if isinstance(part, Process):
                 part.stop()
+            elif hasattr(part, "close"):       # the capture FIFO's write end
+                part.close()
             else:
                 part.__exit__(None, None, None)
 

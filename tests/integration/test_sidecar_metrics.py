@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
 
 from helpers import ROOT, have, is_root  # noqa: E402
 from resolver.exposition import serve_metrics  # noqa: E402
 from exporters.metrics import Health, SidecarMetrics  # noqa: E402
-from sidecar_frames import CHAT_IP, DESKTOP, RESOLVER, syn, write_policy  # noqa: E402
+from sidecar_frames import CHAT_IP, DESKTOP, open_writer, pcap_bytes, sidecar_config, syn  # noqa: E402
 
 # What serve_metrics (the resolver's endpoint too) answers a scraper that sends no Accept header:
 # the Prometheus text format 0.0.4, which every Prometheus version reads.
@@ -54,38 +53,6 @@ def metrics_port(proc: subprocess.Popen, also: str | None = None, deadline: floa
         if time.monotonic() > end:
             break
     raise AssertionError("no 'metrics on' line:\n" + "".join(seen))
-
-
-def sidecar_config(tmp_path: Path) -> Path:
-    write_policy(tmp_path / "blocklists")
-    path = tmp_path / "sinkhole.yaml"
-    path.write_text(yaml.safe_dump({"listen": [f"{RESOLVER}:53"], "upstreams": ["192.0.2.1"],
-                                    "blocklists": "blocklists", "reload_interval": 0}))
-    return path
-
-
-def pcap_bytes(frames: list[bytes]) -> bytes:
-    import struct
-    out = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
-    for i, f in enumerate(frames):
-        out += struct.pack("<IIII", 1000 + i, 0, len(f), len(f)) + f
-    return out
-
-
-def open_writer(fifo: Path, deadline: float = 30.0):
-    """The FIFO's write end, once the sidecar has opened the read end (bounded, never blocks)."""
-    end = time.monotonic() + deadline
-    for _ in range(1000):
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:                                   # ENXIO: no reader yet
-            if time.monotonic() > end:
-                break
-            time.sleep(0.05)
-            continue
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "wb")
-    raise AssertionError(f"the sidecar never opened {fifo}")
 
 
 def test_pcap_run_serves_metrics_and_health_until_the_file_ends(tmp_path):

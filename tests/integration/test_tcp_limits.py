@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.request
 
 import dns.flags
 import dns.message
@@ -208,7 +209,7 @@ def test_udp_rate_limit_end_to_end(tmp_path, blocklists):
     """rate 5/s, burst 5, slip 2, 127.0.2.9 exempt: a flood gets ~5 answers, then every 2nd query
     a TC=1 empty answer; the exempt client is always answered."""
     limits = {"rate": 5, "burst": 5, "slip": 2, "exempt": ["127.0.2.9/32"]}
-    with server_for(tmp_path, blocklists, rate_limit=limits) as server:
+    with server_for(tmp_path, blocklists, rate_limit=limits, metrics={"listen": "127.0.0.1:0"}) as server:
         flood = [dns.message.make_query(f"q{i}.example.test", "ANY") for i in range(40)]
         replies = []
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -232,3 +233,12 @@ def test_udp_rate_limit_end_to_end(tmp_path, blocklists):
         assert all(not r.answer for r in slipped)
         over = 40 - len(full)
         assert over // 2 - 1 <= len(slipped) <= over // 2 + 1
+        # every query over the limit, slipped or dropped, is counted under the reason README.md names
+        server.wait_for_log(lambda: server.count("metrics on 127.0.0.1 port") == 1, 10, "the metrics line")
+        line = next(l for l in server.lines if "metrics on 127.0.0.1 port" in l)
+        port = int(line.split("port")[-1].split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        dropped = {line.split("reason=")[1].split('"')[1]: float(line.rsplit(" ", 1)[1])
+                   for line in text.splitlines() if line.startswith("sinkhole_dns_dropped_total{")}
+        assert dropped.get("ratelimit") == over and dropped.get("other") == 0, dropped

@@ -1,11 +1,17 @@
 """Frames for the sidecar tests, built with scapy (an implementation independent of the sidecar's
 own parsers): Ethernet/IP/TCP/UDP, DNS, TLS ClientHellos; a policy with desktop and mobile groups.
 Addresses: desktops 10.1.0.0/16 and fd00:1::/48, mobiles 10.2.0.0/16, the sanctioned resolver
-10.0.0.53 / fd00::53, "the internet" on documentation addresses."""
+10.0.0.53 / fd00::53, "the internet" on documentation addresses. Also the pieces a test needs to run
+a real `sinkhole sidecar --pcap` on them: a config, pcap bytes, a FIFO's write end."""
 from __future__ import annotations
 
 import io
+import os
+import struct
+import time
 from pathlib import Path
+
+import yaml
 
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, TCP, UDP
@@ -117,3 +123,39 @@ def engine(tmp_path: Path, learning: float = 0.0, started: float = 1000.0, metri
     eng = Engine(policy, SANCTIONED, Alerts(out, 600.0), metrics, Settings(learning=learning), started=started)
     eng.out = out
     return eng
+
+
+def sidecar_config(tmp_path: Path) -> Path:
+    """sinkhole.yaml for `sinkhole sidecar`, with POLICY as its blocklists."""
+    write_policy(tmp_path / "blocklists")
+    path = tmp_path / "sinkhole.yaml"
+    path.write_text(yaml.safe_dump({"listen": [f"{RESOLVER}:53"], "upstreams": ["192.0.2.1"],
+                                    "blocklists": "blocklists", "reload_interval": 0}))
+    return path
+
+
+PCAP_HEADER = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)     # Ethernet, microseconds
+
+
+def pcap_records(frames: list[bytes], first: int = 1000) -> bytes:
+    return b"".join(struct.pack("<IIII", first + i, 0, len(f), len(f)) + f for i, f in enumerate(frames))
+
+
+def pcap_bytes(frames: list[bytes]) -> bytes:
+    return PCAP_HEADER + pcap_records(frames)
+
+
+def open_writer(fifo: Path, deadline: float = 30.0):
+    """The FIFO's write end, once the sidecar has opened the read end (bounded, never blocks)."""
+    end = time.monotonic() + deadline
+    for _ in range(1000):
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:                                   # ENXIO: no reader yet
+            if time.monotonic() > end:
+                break
+            time.sleep(0.05)
+            continue
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "wb")
+    raise AssertionError(f"the sidecar never opened {fifo}")

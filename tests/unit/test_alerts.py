@@ -92,7 +92,7 @@ def declared_metrics() -> set[str]:
     """Every sample name the resolver and the sidecar helper can expose."""
     registry = CollectorRegistry()
     observer = PrometheusObserver(None, registry)
-    bypass_detections(registry, ["doh_sni"], ["desktop"])
+    bypass_detections(registry, ["doh-sni"], ["desktop"])
     names = set()
     for family in [*registry.collect(), *observer.gauges.describe()]:   # scrape-time gauges: unbound here
         names.add(family.name)

@@ -1,5 +1,6 @@
 """deploy/kubernetes validated against the Kubernetes schemas shipped in kubernetes-validate
 (offline), plus the cross-references a schema cannot see."""
+import re
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,68 @@ def test_sidecar_adds_only_net_raw():
         assert caps.get("drop") == ["ALL"]
         assert caps.get("add", []) in ([], ["NET_RAW"])
     assert any(c.get("securityContext", {}).get("capabilities", {}).get("add") == ["NET_RAW"] for c in pod["containers"])
+
+
+def expand(text, env):
+    """Kubernetes' $(VAR) expansion of a container's args from its env ($$ is a literal $)."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+
+
+def container_env(container, host_ip="192.0.2.10"):
+    env = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:       # the only downward-API field the manifests use; a node address stands in
+            assert var["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}, var
+            env[var["name"]] = host_ip
+    return env
+
+
+def sidecar_container():
+    (ds,) = by_kind("DaemonSet")
+    (sidecar,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "sidecar"]
+    return sidecar
+
+
+def sidecar_command(sidecar):
+    """The sidecar container's args as Kubernetes expands them, parsed by `sinkhole`'s own parser."""
+    from resolver import cli
+    args = [expand(a, container_env(sidecar)) for a in sidecar["args"]]
+    assert not [a for a in args if "$(" in a], f"an unexpanded variable in {args}"
+    try:
+        return cli.build_parser().parse_args(args)
+    except SystemExit as e:
+        pytest.fail(f"`sinkhole {' '.join(args)}` does not parse (exit {e.code})")
+
+
+def test_sidecar_args_parse_with_the_real_command_line():
+    from resolver.config import parse_hostport
+    sidecar = sidecar_container()
+    parsed = sidecar_command(sidecar)
+    assert parsed.command == "sidecar" and parsed.pcap is None
+    assert [i for i in parsed.iface.split(",") if i], "no capture interface"
+    assert parsed.metrics, "no --metrics: nothing to scrape and nothing for the probes"
+    host, port = parse_hostport(parsed.metrics, None)
+    assert host == "192.0.2.10" and port > 0
+    assert any(parsed.config.startswith(m["mountPath"] + "/") for m in sidecar["volumeMounts"])
+
+
+def test_sidecar_probes_ask_healthz_on_the_metrics_port():
+    from resolver.config import parse_hostport
+    sidecar = sidecar_container()
+    _, port = parse_hostport(sidecar_command(sidecar).metrics, None)
+    named = {p["name"]: p["containerPort"] for p in sidecar.get("ports", [])}
+    assert port in named.values(), f"--metrics port {port} is not a container port {named}"
+    for probe in ("readinessProbe", "livenessProbe"):
+        get = sidecar[probe]["httpGet"]
+        assert get["path"] == "/healthz"
+        assert named.get(get["port"], get["port"]) == port, f"{probe} asks port {get['port']}, --metrics is {port}"
+        assert "host" not in get     # the kubelet asks the pod's address, the node's under hostNetwork
+
+
+def test_the_args_check_would_catch_a_sidecar_without_an_interface():
+    from resolver import cli
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["sidecar", "-c", "/etc/sinkhole/sinkhole.yaml"])

@@ -226,10 +226,10 @@ def test_exemptions_gauges_follow_the_clock(resolver):
 
 def test_bypass_helper_preinitialises_and_lints():
     registry = CollectorRegistry()
-    children = bypass_detections(registry, ["doh_sni", "dot_853"], ["desktop", "mobile"])
-    children[("dot_853", "desktop")].inc()
-    assert registry.get_sample_value("sinkhole_bypass_detections_total", {"detector": "doh_sni", "group": "mobile"}) == 0
-    assert registry.get_sample_value("sinkhole_bypass_detections_total", {"detector": "dot_853", "group": "desktop"}) == 1
+    children = bypass_detections(registry, ["doh-sni", "dot"], ["desktop", "mobile"])
+    children[("dot", "desktop")].inc()
+    assert registry.get_sample_value("sinkhole_bypass_detections_total", {"detector": "doh-sni", "group": "mobile"}) == 0
+    assert registry.get_sample_value("sinkhole_bypass_detections_total", {"detector": "dot", "group": "desktop"}) == 1
     assert lint(registry) == []
 
 
