@@ -1,9 +1,12 @@
-"""The audit query log: one JSON line per query, written by a thread of its own.
+"""The audit query log: one JSON line per query.
 
-The resolver only appends a tuple to a bounded buffer (a deque: no lock, no wake-up per query);
-the writer thread takes what is there every FLUSH_INTERVAL seconds. If the buffer is full (a slow,
-stalled or full disk) the line is dropped and counted, and the answer goes out regardless. The writer thread writes
-batches with os.write, so a failed write drops exactly the lines it held, and those are counted too.
+The serving thread keeps each line's fields in a short list; every CHUNK lines (and every
+FLUSH_INTERVAL, from the server's event loop) it renders them into one block of bytes in C
+(str % tuple over the list) and queues the block. A writer thread of its own only writes blocks:
+it needs the interpreter for a few bytecodes per block, not per line, so it hardly competes with
+the serving thread for it. If the queue is full (a slow, stalled or full disk) the lines are
+dropped and counted, and the answers go out regardless; a failed write drops exactly the lines it
+held, and those are counted too.
 
 Fields: time (UTC, ms), client (the address policy used: the ECS address behind a trusted
 forwarder), group, qname, qtype, decision, service, rule (path:line), exemption (id), rcode,
@@ -19,14 +22,14 @@ import logging
 import os
 import re
 import threading
-import time
 from collections import deque
 
 from .wire import QTYPE_NAMES, RCODE_NAMES
 
 FIELDS = ("time", "client", "group", "qname", "qtype", "decision", "service", "rule", "exemption",
           "rcode", "duration_ms")
-BATCH = 512
+CHUNK = 128                      # lines rendered at once by the serving thread
+LINE = '{"time":"%s.%03d+00:00","client":%s,%s"duration_ms":%.3f}\n'
 FLUSH_INTERVAL = 0.05            # seconds: how stale the file may be behind the answers
 _QTYPES = {code: f'"{name}"' for code, name in QTYPE_NAMES.items()}
 _RCODES = {code: f'"{name}"' for code, name in RCODE_NAMES.items()}
@@ -36,23 +39,27 @@ log = logging.getLogger("sinkhole")
 
 
 class QueryLog:
+    """`lock` guards the serving side (the fields list, the counters it owns): the server passes
+    its own lock, which it holds whenever it logs; flush() and render() take it themselves."""
+
     def __init__(self, target: str = "off", max_bytes: int = 50 << 20, backups: int = 10,
-                 queue_size: int = 10000):
+                 queue_size: int = 10000, lock=None):
         self.target, self.max_bytes, self.backups = target, max_bytes, backups
         self.enabled = target != "off"
+        self.lock = lock if lock is not None else threading.RLock()
         self.written = 0
         self.errors = 0             # failed opens, writes and rotations
-        self._full = 0              # lines lost because the queue was full (event loop thread)
+        self._full = 0              # lines lost because the queue was full (serving side)
         self._failed = 0            # lines lost because a write failed (writer thread)
         self._limit = max(1, queue_size)
-        self._buf: deque = deque()
-        self._enqueued = 0          # lines appended (event loop thread only)
+        self._fields: list = []     # lines not rendered yet (serving side)
+        self._blocks: deque = deque()   # (bytes, lines) rendered, waiting for the writer
+        self._enqueued = 0          # lines queued as blocks (serving side only)
         self._taken = 0             # lines taken by the writer, written or lost (writer only)
         self._thread = None
         self._fd: int | None = None
         self._size = 0
         self._failing = False
-        self._inflight = 0          # lines the writer thread holds right now
         self._wake = threading.Event()
         self._progress = threading.Condition()
         self._second = -1
@@ -68,27 +75,53 @@ class QueryLog:
             self._thread = threading.Thread(target=self._run, name="querylog", daemon=True)
             self._thread.start()
 
+    # -- the serving side (callers hold self.lock) ---------------------------------------------
     def log(self, when: float, outcome, duration: float) -> None:
         if self.enabled:
-            self._append(self.format(when, outcome, duration))
+            self._append(self._line_fields(when, _s(outcome.client), self.middle(outcome), duration))
 
     def write(self, when: float, client: str, middle: str, duration: float) -> None:
         """log() for an answer the server reuses: `middle` is what middle() made of its Outcome,
         `client` an address as the kernel wrote it (it needs no escaping)."""
         if self.enabled:
-            self._append(self._line(when, f'"{client}"', middle, duration))
+            self._append(self._line_fields(when, f'"{client}"', middle, duration))
 
-    def _append(self, line: str) -> None:
-        buf = self._buf
-        if len(buf) >= self._limit:
-            self._full += 1
-            return
-        buf.append(line)
-        self._enqueued += 1
+    def _line_fields(self, when: float, client: str, middle: str, duration: float) -> tuple:
+        """What LINE needs, in its order."""
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._stamp = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%S")
+        return self._stamp, (when - second) * 1000, client, middle, duration * 1000
+
+    def _append(self, fields: tuple) -> None:
+        pending = self._fields
+        pending.append(fields)
+        if len(pending) >= CHUNK:
+            self.render()
+
+    def render(self) -> None:
+        """Turn the lines kept so far into one block for the writer (or count them lost if the
+        queue is full). The server calls this every FLUSH_INTERVAL too, so a quiet resolver's lines
+        do not wait for CHUNK more."""
+        with self.lock:
+            pending = self._fields
+            if not pending:
+                return
+            self._fields = []
+            count = len(pending)
+            if self._enqueued - self._taken + count > self._limit:
+                self._full += count
+                return
+            self._blocks.append(("".join(map(LINE.__mod__, pending)).encode("utf-8", "backslashreplace"),
+                                 count))
+            self._enqueued += count
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every line logged so far is written or dropped (tests, shutdown). False if
         the writer is stuck (e.g. a FIFO nobody reads)."""
+        self.render()
         if self._thread is None:
             return True
         target = self._enqueued
@@ -100,25 +133,15 @@ class QueryLog:
         idle = self.flush(timeout)
         if not idle:
             # the writer is stuck (a FIFO nobody reads, a hung disk): what it holds is lost
-            self._full += len(self._buf) + self._inflight
+            self._full += self._enqueued - self._taken
         if self.enabled:
             log.info("query log: %d lines written, %d dropped", self.written, self.dropped)
         if idle:
             self._close_fd()
 
-    # -- writer thread -------------------------------------------------------------------------
     def format(self, when: float, o, duration: float) -> str:
-        """One JSON object, formatted on the serving thread: one thread, no handoffs."""
-        return self._line(when, _s(o.client), self.middle(o), duration)
-
-    def _line(self, when: float, client: str, middle: str, duration: float) -> str:
-        second = int(when)
-        if second != self._second:
-            self._second = second
-            self._stamp = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime(
-                "%Y-%m-%dT%H:%M:%S")
-        return (f'{{"time":"{self._stamp}.{int((when - second) * 1000):03d}+00:00","client":{client},'
-                f'{middle}"duration_ms":{duration * 1000:.3f}}}')
+        """The line log() writes for this Outcome (without its newline)."""
+        return (LINE % self._line_fields(when, _s(o.client), self.middle(o), duration))[:-1]
 
     @staticmethod
     def middle(o) -> str:
@@ -133,62 +156,52 @@ class QueryLog:
                 f'"exemption":{_s(exemption) if exemption is not None else "null"},'
                 f'"rcode":{_RCODES.get(o.rcode) or _s(str(o.rcode))},')
 
+    # -- the writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        buf = self._buf
+        blocks = self._blocks
         while True:
             self._wake.wait(FLUSH_INTERVAL)
             self._wake.clear()
-            while buf:
-                items = []
-                while buf and len(items) < BATCH:
-                    items.append(buf.popleft())
-                self._inflight = len(items)
-                lines = []
-                for start in range(0, len(items), 128):
-                    lines += [(line + "\n").encode() for line in items[start:start + 128]]
-                    time.sleep(0)       # let the event loop have the interpreter between chunks:
-                                        # otherwise it may wait a whole switch interval (5 ms)
-                self._write_lines(lines)
-                self._inflight = 0
-                self._taken += len(items)
+            while blocks:
+                data, count = blocks.popleft()
+                self._write(data)
+                self._taken += count
             with self._progress:
                 self._progress.notify_all()
 
-    def _write_lines(self, lines: list[bytes]) -> None:
-        """Write a batch, rotating by size between lines; count the lines that did not make it."""
-        i = 0
-        while i < len(lines):
+    def _write(self, data: bytes) -> None:
+        """Write one block, rotating by size between lines; count the lines that did not make it."""
+        while data:
             try:
                 fd = self._open()
             except OSError as e:
-                self._lost(len(lines) - i, e)
+                self._lost(data.count(b"\n"), e)
                 return
-            j, size = i, 0
-            if fd == 1 or not self.max_bytes:
-                j = len(lines)
-            else:
-                while j < len(lines) and (self._size + size == 0
-                                          or self._size + size + len(lines[j]) <= self.max_bytes):
-                    size += len(lines[j])
-                    j += 1
-            if j == i:                    # the file is full: rotate, then write to the new one
-                self._rotate()
-                continue
-            data = b"".join(lines[i:j])
+            part = data
+            if fd != 1 and self.max_bytes and self._size + len(data) > self.max_bytes:
+                cut = data.rfind(b"\n", 0, self.max_bytes - self._size) + 1     # whole lines that fit
+                if cut == 0:
+                    if self._size:              # the file is full: rotate, then write to the new one
+                        self._rotate()
+                        continue
+                    cut = data.find(b"\n") + 1  # one line longer than max_bytes: it gets a file
+                part = data[:cut]
+            data = data[len(part):]
             done = 0
             try:
-                while done < len(data):
-                    done += os.write(fd, data[done:])
+                while done < len(part):
+                    done += os.write(fd, part[done:])
             except OSError as e:
-                lost = _lines_after(lines[i:j], done)
+                whole = part.count(b"\n", 0, done)     # a line cut short counts as lost
                 self._size += done
-                self.written += j - i - lost
+                self.written += whole
                 self._close_fd()
-                self._lost(lost + len(lines) - j, e)
+                self._lost(part.count(b"\n") - whole + data.count(b"\n"), e)
                 return
             self._size += done
-            self.written += j - i
-            i = j
+            self.written += part.count(b"\n")
+            if data:
+                self._rotate()
         if self._failing:
             self._failing = False
             log.warning("query log %s: writing again; %d lines dropped so far", self.target, self.dropped)
@@ -237,16 +250,6 @@ class QueryLog:
             return
         self._close_fd()
         self._size = 0
-
-
-def _lines_after(chunk: list[bytes], done: int) -> int:
-    """How many lines of `chunk` were not completely written when `done` bytes were."""
-    total = 0
-    for i, line in enumerate(chunk):
-        total += len(line)
-        if total > done:
-            return len(chunk) - i
-    return 0
 
 
 def _s(value) -> str:

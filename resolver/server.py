@@ -25,7 +25,7 @@ from .config import Config
 from .loader import PolicyError, load_with_warnings
 from .observe import Quiet
 from .policy import Policy
-from .querylog import QueryLog
+from .querylog import FLUSH_INTERVAL, QueryLog
 from .ratelimit import PASS, SLIP, RateLimiter, slip_answer
 from .upstream import Upstreams
 from .wire import truncate
@@ -69,7 +69,9 @@ class Server:
         self.ratelimit = RateLimiter(r.rate, r.burst, r.exempt, r.slip) if r.rate else None
         self.upstreams = Upstreams(config.upstreams, config.upstream_timeout, self.observer.upstream)
         q = config.query_log
-        self.querylog = QueryLog(q.target, q.max_bytes, q.backups, q.queue)
+        self.lock = threading.RLock()        # the cache, policy memos, counters and query log:
+                                             # one thread at a time (see _udp_serve)
+        self.querylog = QueryLog(q.target, q.max_bytes, q.backups, q.queue, lock=self.lock)
         self.fingerprint = fingerprint(config.blocklists)
         self.addresses: list[tuple[str, int]] = []
         self.last_reload_ok: float | None = None
@@ -79,8 +81,6 @@ class Server:
         self._udp_threads: list[threading.Thread] = []
         self._udp_pending = 0                # queries handed from UDP threads to the event loop
         self._halt = False                   # tells the UDP threads to return
-        self.lock = threading.Lock()         # the cache, policy memos, counters and query log:
-                                             # one thread at a time (see _udp_serve)
         self._tcp_servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
         self._tcp_count = 0
@@ -98,6 +98,8 @@ class Server:
         self.last_reload_ok = self.clock()
         self.observer.reload(True, self.policy, self.last_reload_ok)
         self._spawn(self._reload_loop())
+        if self.querylog.enabled:
+            self._spawn(self._querylog_ticker())
         # The policy lives until the next reload: move it out of the garbage collector's way, or
         # every full collection walks a million-entry name table (milliseconds on the query path).
         gc.freeze()
@@ -401,6 +403,13 @@ class Server:
                 except (ConnectionError, OSError, asyncio.TimeoutError):
                     writer.transport.abort()    # a client that does not read loses the connection
         self._done(now, outcome, started)
+
+    async def _querylog_ticker(self) -> None:
+        """Lines are rendered CHUNK at a time by whoever logs; this renders what a quiet moment
+        leaves behind, so the file is never more than about FLUSH_INTERVAL behind the answers."""
+        while not self._stopping.is_set():
+            await asyncio.sleep(FLUSH_INTERVAL)
+            self.querylog.render()
 
     # -- reloads -------------------------------------------------------------------------------
     async def _reload_loop(self) -> None:
