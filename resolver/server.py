@@ -151,8 +151,9 @@ class Server:
 
     @property
     def serving(self) -> bool:
-        """Listening for DNS and not shutting down (for /healthz)."""
-        return bool(self.addresses) and not self._stopping.is_set()
+        """Listening for DNS, every UDP thread alive, not shutting down (for /healthz)."""
+        return (bool(self.addresses) and not self._stopping.is_set()
+                and all(thread.is_alive() for thread in self._udp_threads))
 
     async def stop(self, drain: float = 5.0) -> None:
         """Stop listening, let in-flight queries finish (up to `drain` seconds), close everything."""
@@ -186,6 +187,18 @@ class Server:
 
     # -- UDP -----------------------------------------------------------------------------------
     def _udp_serve(self, sock: socket.socket) -> None:
+        """The body of a UDP socket's thread: its loop, started again if a bug ever escapes it (that
+        costs the packet in hand, never the socket). Each turn needs a packet, so a bug that fails
+        every packet logs once per packet, and nothing spins."""
+        while True:
+            try:
+                self._udp_loop(sock)
+                return
+            except Exception:
+                log.exception("UDP loop on %s failed; serving on", sock.getsockname())
+                self.observer.dropped("internal")
+
+    def _udp_loop(self, sock: socket.socket) -> None:
         """The thread of one UDP socket: a blocking recvfrom, no event loop in between. What can be
         answered at once (blocks, cache hits, errors) is answered here; what needs the upstream is
         handed to the event loop. Everything but the two syscalls runs under self.lock, which the
