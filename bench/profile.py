@@ -130,20 +130,25 @@ def stages(names: int, iterations: int, seed: int) -> dict:
           "cached")
         t("core.begin, blocked (all of the above)", lambda d: core.begin(d, desktop, policy, ctx, now), bq, "blocked")
         t("core.begin, cached (all of the above)", lambda d: core.begin(d, desktop, policy, ctx, now), aq, "cached")
-        # the server around core.begin (Server._udp_query and _done)
+        # the server around core.begin (Server._udp_loop)
         t("perf_counter x2 + time.time", lambda _: (time.perf_counter(), time.time(), time.perf_counter()),
           bq, "both")
         t("truncate", lambda o: truncate(o[0], o[1].udp_limit), out_b, "both")
         t("observer.query (" + type(observer).__name__ + ")", lambda o: observer.query(o, 1e-5), [outcome] * k,
           "both")
-        t("querylog.log (enqueue)", lambda o: qlog.log(now, o, 1e-5), [outcome] * k, "both")
-        rows["querylog.log (enqueue)"]["note"] = "deque.append into a bounded buffer, no lock"
-        t("querylog writer: format one JSON line (writer thread)", lambda o: qlog.format(now, o, 1e-5),
-          [outcome] * k, "both")
+        sig, middle = observer.signature(outcome), qlog.middle(outcome)
+        t("observer.count, signature kept (reused answer)", lambda _: observer.count(sig, 1e-5), bq, "both")
+        for d, (reply, out) in zip(bq, out_b):
+            policy.remember(desktop, out.group, d[2:], (reply[2:], out.reuse_until, sig, middle, False))
+        tables = policy.answer_tables
+        t("reused answer: two dict lookups, ID spliced in",
+          lambda d: d[:2] + tables.get(desktop).get(d[2:])[0], bq, "both")
+        t("querylog.log (fields kept, Outcome formatted)", lambda o: qlog.log(now, o, 1e-5), [outcome] * k, "both")
+        t("querylog.write (fields kept, reused answer)", lambda _: qlog.write(now, desktop, middle, 1e-5), bq, "both")
+        rows["querylog.write (fields kept, reused answer)"]["note"] = \
+            "includes rendering the line in C, CHUNK lines at a time (QueryLog.render)"
         t("querylog writer: write the line (writer thread)", lambda o: sink.write("x" * 200 + "\n"),
           [outcome] * k, "both")
-        t("buffer popleft in the writer thread", lambda _: qlog._buf.popleft(), [None] * min(k, len(qlog._buf)),
-          "both")
         t("socket recvfrom + sendto, one loopback packet", lambda d: (sa.sendto(d, addr_b), sb.recvfrom(65535)),
           bq, "both")
         sa.close()

@@ -11,7 +11,7 @@ from .yamlsrc import Located, LocatedList, Problem, read_yaml
 
 KEYS = {"listen", "upstreams", "upstream_timeout", "blocklists", "cache", "reload_interval",
         "query_log", "metrics", "ecs_clients_from", "user", "sanctioned_resolvers", "rate_limit", "tcp"}
-CACHE_KEYS = {"size", "min_ttl", "max_ttl", "negative_max_ttl", "serve_stale"}
+CACHE_KEYS = {"size", "min_ttl", "max_ttl", "negative_max_ttl", "serve_stale", "answers"}
 LOG_KEYS = {"target", "max_bytes", "backups", "queue"}
 METRICS_KEYS = {"listen"}
 RATE_KEYS = {"rate", "burst", "exempt", "slip"}
@@ -25,6 +25,7 @@ class CacheConfig:
     max_ttl: int = 86400
     negative_max_ttl: int = 3600
     serve_stale: int = 0
+    answers: int = 1 << 17       # finished answers kept for reuse, per client group (0: none)
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,8 @@ def load_config(path) -> Config:
     rate = section("rate_limit", RATE_KEYS, RateLimitConfig, {"rate": int, "burst": int, "exempt": tuple, "slip": int})
     tcp = section("tcp", TCP_KEYS, TcpConfig, {"max_connections": int, "idle_timeout": float, "max_queries": int,
                                                "max_lifetime": float})
+    if cache.answers < 0:
+        report.error(data["cache"].line_of("answers"), "cache.answers must be a count >= 0 (0: no reuse)")
     if tcp.max_lifetime <= 0:
         report.error(data["tcp"].line_of("max_lifetime"), "tcp.max_lifetime must be seconds > 0")
     if query_log.target not in ("off", "stdout", "-"):

@@ -203,18 +203,18 @@ class Policy:
         return decision
 
     # -- finished answers, reused for the same bytes from the same group ------------------------
-    ANSWERS_MAX = 1 << 17
+    ANSWERS_MAX = 1 << 17        # the default of the config's cache.answers
     CLIENTS_MAX = 1 << 16
 
-    def remember(self, client: str, group: str, key: bytes, entry: tuple) -> None:
+    def remember(self, client: str, group: str, key: bytes, entry: tuple, limit: int = ANSWERS_MAX) -> None:
         """Keep a finished answer (core.Outcome.reuse_until said it may be reused) for the query
         bytes `key` (all but the ID) from `group`, and let `client` find its group's table in
         answer_tables. The server reads these tables in its hot loop; they die with the snapshot."""
         table = self._answers.get(group)
         if table is None:
             table = self._answers[group] = {}
-        elif len(table) >= self.ANSWERS_MAX:
-            forget_oldest(table, 4096)
+        elif len(table) >= limit:
+            forget_oldest(table, min(4096, limit))
         table[key] = entry
         tables = self.answer_tables
         if tables.get(client) is not table:

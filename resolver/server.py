@@ -212,6 +212,7 @@ class Server:
         count, write, observe, log_query = observer.count, querylog.write, observer.query, querylog.log
         acquire, release = self.lock.acquire, self.lock.release
         loop, handoff = self._loop, self._udp_handoff
+        answers_max = self.config.cache.answers
         while True:
             try:
                 data, addr = recvfrom(65535)
@@ -265,10 +266,10 @@ class Server:
                         sendto(reply, nowait, addr)
                     except OSError:
                         pass
-                    if outcome.reuse_until > now:
+                    if outcome.reuse_until > now and answers_max:
                         policy.remember(client, outcome.group, data[2:],
                                         (reply[2:], outcome.reuse_until, observer.signature(outcome),
-                                         querylog.middle(outcome), outcome.action == "cached"))
+                                         querylog.middle(outcome), outcome.action == "cached"), answers_max)
                 duration = perf() - started
                 observe(outcome, duration)
                 if outcome.action != "dropped":

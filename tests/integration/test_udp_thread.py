@@ -10,7 +10,7 @@ import time
 import pytest
 
 from helpers import TEST_POLICY, TEST_SERVICES, ask, write_blocklists
-from resolver.config import Config
+from resolver.config import CacheConfig, Config
 from resolver.loader import load_policy
 from resolver.observe import Quiet
 from resolver.server import Server
@@ -37,25 +37,56 @@ class Flaky(Quiet):
         self.drops.append(reason)
 
 
+class Running:
+    """A Server on its own event loop thread, for the length of a `with`."""
+
+    def __init__(self, blocklists, observer, **config):
+        self.config = Config(listen=(("127.0.0.1", 0),), upstreams=(("127.0.0.1", 9),),
+                             blocklists=str(blocklists), reload_interval=0, **config)
+        self.observer = observer
+
+    def run(self, coro, timeout=15):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self):
+        self.loop = asyncio.new_event_loop()
+        self.runner = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.runner.start()
+
+        async def make():
+            return Server(self.config, load_policy(self.config.blocklists, time.time()), self.observer)
+
+        self.server = self.run(make())
+        self.address = self.run(self.server.start())[0]
+        return self
+
+    def __exit__(self, *exc):
+        self.run(self.server.stop(drain=1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.runner.join(5)
+
+
+def test_no_reuse_when_cache_answers_is_0(tmp_path):
+    blocklists = write_blocklists(tmp_path / "bl", TEST_POLICY, TEST_SERVICES)
+    observer = Flaky(failures=0)
+    observer.reused = 0
+    observer.count = lambda signature, duration: setattr(observer, "reused", observer.reused + 1)
+    with Running(blocklists, observer, cache=CacheConfig(answers=0)) as r:
+        for _ in range(3):
+            assert ask(r.address, "www.chat.test", source="127.0.1.5").rcode() == 3
+        assert observer.reused == 0 and r.server.policy.answer_tables == {}
+    with Running(blocklists, observer) as r:
+        for _ in range(3):
+            assert ask(r.address, "www.chat.test", source="127.0.1.5").rcode() == 3
+        assert observer.reused == 2
+
+
 def test_a_bug_in_the_hot_loop_costs_one_packet_not_the_socket(tmp_path, caplog):
     blocklists = write_blocklists(tmp_path / "bl", TEST_POLICY, TEST_SERVICES)
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-
-    def run(coro, timeout=15):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-
-    config = Config(listen=(("127.0.0.1", 0),), upstreams=(("127.0.0.1", 9),), blocklists=str(blocklists),
-                    reload_interval=0)
     observer = Flaky(failures=2)
-
-    async def make():
-        return Server(config, load_policy(blocklists, time.time()), observer)
-
-    server = run(make())
+    running = Running(blocklists, observer).__enter__()
+    server, address = running.server, running.address
     try:
-        address = run(server.start())[0]
         assert ask(address, "www.chat.test", source="127.0.1.5").rcode() == 3    # decided, remembered
         for _ in range(2):                         # reused: the answer goes out, then count() fails
             assert ask(address, "www.chat.test", source="127.0.1.5").rcode() == 3
@@ -64,7 +95,5 @@ def test_a_bug_in_the_hot_loop_costs_one_packet_not_the_socket(tmp_path, caplog)
         assert ask(address, "www.chat.test", source="127.0.1.5", timeout=3).rcode() == 3
         assert server.serving
     finally:
-        run(server.stop(drain=1))
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(5)
+        running.__exit__(None, None, None)
     assert not server.serving and not any(t.is_alive() for t in server._udp_threads)
