@@ -203,8 +203,6 @@ def load_config(path) -> Config:
     rate = section("rate_limit", RATE_KEYS, RateLimitConfig, {"rate": int, "burst": int, "exempt": tuple, "slip": int})
     tcp = section("tcp", TCP_KEYS, TcpConfig, {"max_connections": int, "idle_timeout": float, "max_queries": int,
                                                "max_lifetime": float})
-    if cache.answers < 0:
-        report.error(data["cache"].line_of("answers"), "cache.answers must be a count >= 0 (0: no reuse)")
     if tcp.max_lifetime <= 0:
         report.error(data["tcp"].line_of("max_lifetime"), "tcp.max_lifetime must be seconds > 0")
     if query_log.target not in ("off", "stdout", "-"):
