@@ -83,17 +83,26 @@ class QueryLog:
     def write(self, when: float, client: str, middle: str, duration: float) -> None:
         """log() for an answer the server reuses: `middle` is what middle() made of its Outcome,
         `client` an address as the kernel wrote it (it needs no escaping)."""
-        if self.enabled:
-            self._append(self._line_fields(when, f'"{client}"', middle, duration))
+        if not self.enabled:            # the hot path: _line_fields and _append written out
+            return
+        second = int(when)
+        if second != self._second:
+            self._new_second(second)
+        pending = self._fields
+        pending.append((self._stamp, (when - second) * 1000, f'"{client}"', middle, duration * 1000))
+        if len(pending) >= CHUNK:
+            self.render()
 
     def _line_fields(self, when: float, client: str, middle: str, duration: float) -> tuple:
         """What LINE needs, in its order."""
         second = int(when)
         if second != self._second:
-            self._second = second
-            self._stamp = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime(
-                "%Y-%m-%dT%H:%M:%S")
+            self._new_second(second)
         return self._stamp, (when - second) * 1000, client, middle, duration * 1000
+
+    def _new_second(self, second: int) -> None:
+        self._second = second
+        self._stamp = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
     def _append(self, fields: tuple) -> None:
         pending = self._fields
