@@ -255,9 +255,9 @@ class Bench:
         a = self.args
         queries = wl.write_queries(tmp / "reload-mix.txt", wl.mix(names, self.allowed, 0.3, 20000))
         self.warm_port(server.port)
-        # change the list so the reload is a real one
-        (tmp / "blocklists" / "services" / f"{wl.BLOCK_SERVICE}.yaml").open("a").write(
-            "  - {name: reload-marker.example, source: gen}\n")
+        # change the list so the reload is a real one (a name added to the first plain-text list)
+        with (tmp / "blocklists" / "services" / f"{wl.BLOCK_SERVICE}.txt").open("a") as f:
+            f.write("reload-marker.example\n")
         start, last_probe = [None], [0.0]
 
         def reloaded():
