@@ -1,8 +1,8 @@
 """The I/O shell: sockets, the upstream task, policy reloads, signals. Decisions live in core.py.
 
 UDP is read by one thread per socket with a blocking recvfrom (no event loop per packet); only
-queries that need the upstream go to the event loop, as tasks. TCP follows RFC 7766: length-prefixed messages,
-several per connection, answered as they complete.
+queries that need the upstream go to the event loop, as tasks. TCP follows RFC 7766:
+length-prefixed messages, several per connection, answered as they complete.
 """
 from __future__ import annotations
 
