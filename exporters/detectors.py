@@ -315,19 +315,22 @@ def no_dns(obs: Observation, ctx: Context) -> Finding | None:
 
 
 ORDER = (external_dns, dot, doq, doh_sni, doh_quic, doh_ip, httpdns, blocked_sni, blocked_ip, no_dns)
-# ORDER by observation kind: the detectors that can return a finding for it (each of the others
-# starts by returning None for that kind; tests/unit/test_sidecar_detectors.py checks this).
+# ORDER by observation (kind, transport): the detectors that can return a finding for it (each of
+# the others starts by returning None for it; tests/unit/test_sidecar_detectors.py checks this).
 BY_KIND = {
-    "connect": (external_dns, dot, doq, httpdns, blocked_ip, no_dns),
-    "hello": (dot, doq, doh_sni, doh_quic, doh_ip, blocked_sni),
-    "http": (httpdns,),
+    ("connect", "tcp"): (external_dns, dot, httpdns, blocked_ip, no_dns),
+    ("connect", "udp"): (external_dns, doq, httpdns, blocked_ip),
+    ("connect", "quic"): (doq, httpdns, blocked_ip, no_dns),
+    ("hello", "tcp"): (dot, doh_sni, doh_ip, blocked_sni),
+    ("hello", "quic"): (doq, doh_quic, doh_ip, blocked_sni),
+    ("http", "tcp"): (httpdns,),
 }
 
 
 def detect(obs: Observation, ctx: Context) -> list[Finding]:
     """Every finding for one observation, each marked alert or counted-only, with the reason."""
     findings = []
-    for d in BY_KIND.get(obs.kind, ORDER):
+    for d in BY_KIND.get((obs.kind, obs.transport), ORDER):
         f = d(obs, ctx)
         if f is not None:
             findings.append(f)

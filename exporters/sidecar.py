@@ -16,7 +16,7 @@ from . import quic
 from .alerts import Alerts
 from .detectors import DETECTORS, Learned, Settings, build_context, detect
 from .lru import LRU
-from .packets import TCP, UDP, Observation, Packet, dns_addresses, dns_question, flow_key, locate, packet_at
+from .packets import TCP, UDP, Observation, addresses, dns_addresses, dns_question, flow_key, locate
 from .tls import Reassembly, TLSError, hello_from_records, looks_like_tls
 
 log = logging.getLogger("sinkhole.sidecar")
@@ -119,6 +119,7 @@ class Engine:
                     if metrics is not None:
                         metrics.unparsed.inc()
                     continue
+                key = None
                 if triage and frame[p] << 8 | frame[p + 1] != 53:     # 53: maybe our resolver's answer
                     dport = frame[p + 2] << 8 | frame[p + 3]
                     if proto == UDP:
@@ -129,7 +130,7 @@ class Engine:
                                     quic_touch(key)
                                 continue
                         elif dport != 53 and dport != 853 or (
-                                frame[26:38] if inline else flow_key(frame, at)) in udp_flows:
+                                key := frame[26:38] if inline else flow_key(frame, at)) in udp_flows:
                             continue
                     elif not frame[p + 13] & 0x12 == 0x02:             # not a connection attempt
                         if data >= end:
@@ -141,10 +142,10 @@ class Engine:
                             if state is DONE:
                                 continue
                         else:
-                            head = frame[data:data + 5 if data + 5 < end else end]
-                            if not (head.startswith(HTTP_METHODS) or looks_like_tls(head)):
-                                continue
-                found = deliver(when, frame, at)
+                            if not (data + 3 <= end and frame[data] == 0x16 and frame[data + 1] == 3
+                                    and frame[data + 2] <= 4 or frame.startswith(HTTP_METHODS, data, end)):
+                                continue                               # (looks_like_tls, inline)
+                found = deliver(when, frame, at, key)
                 if found:
                     rows += found
         finally:
@@ -152,12 +153,16 @@ class Engine:
             self.unparsed += unparsed
         return rows
 
-    def _deliver(self, when: float, frame: bytes, at: tuple) -> list[dict]:
+    def _deliver(self, when: float, frame: bytes, at: tuple, flow: bytes | None = None) -> list[dict]:
         """A located packet that may tell something: observations, findings, alerts."""
-        pkt = packet_at(frame, at, when)
         ctx = self.ctx                                 # one snapshot for the whole packet
+        observations = self.observe(when, frame, at, ctx, flow)
+        return self._report(observations, ctx) if observations else []
+
+    def _report(self, observations, ctx) -> list[dict]:
+        """Findings of observations -> counts, alert rows (deduplicated), enforcement, metrics."""
         rows = []
-        for obs in self.observe(pkt, ctx):
+        for obs in observations:
             for f in detect(obs, ctx):
                 counts = self.counts[f.detector]
                 if self.metrics is not None:
@@ -179,43 +184,51 @@ class Engine:
                         self.metrics.alerts.labels(f.detector).inc()
         return rows
 
-    def observe(self, pkt: Packet, ctx) -> list[Observation]:
-        """What one packet tells: learn our resolver's answers; turn client packets into
-        observations (a new flow, a complete ClientHello, an HTTP request)."""
-        if pkt.sport == 53 and (pkt.version, pkt.src) in ctx.sanctioned:
-            message = pkt.payload[2:] if pkt.proto == TCP else pkt.payload
-            for version, address, ttl in dns_addresses(message):
-                self.learned.answer((pkt.version, pkt.dst), (version, address), ttl, pkt.time)
-            return []
-        flow = pkt.flow
-        if pkt.proto == UDP:
-            if pkt.dport == 443:
-                return self._quic(pkt, flow)
-            if pkt.dport in (53, 853) and flow not in self.udp:
+    def observe(self, when: float, frame: bytes, at: tuple, ctx, flow: bytes | None = None) -> list[Observation]:
+        """What one located packet tells: learn our resolver's answers; turn client packets into
+        observations (a new flow, a complete ClientHello, an HTTP request). Read off the frame's
+        bytes; addresses become ints only for an observation (`addresses`)."""
+        version, o, proto, p, data, end = at
+        sport, dport = frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
+        if sport == 53:
+            src = int.from_bytes(frame[o + 12:o + 16] if version == 4 else frame[o + 8:o + 24], "big")
+            if (version, src) in ctx.sanctioned:
+                message = frame[data + 2 if proto == TCP else data:end]
+                dst = addresses(frame, at)[2]
+                for v, address, ttl in dns_addresses(message):
+                    self.learned.answer((version, dst), (v, address), ttl, when)
+                return []
+        if flow is None:
+            flow = flow_key(frame, at)
+        if proto == UDP:
+            if dport == 443:
+                return self._quic(when, frame, at, flow)
+            if (dport == 53 or dport == 853) and flow not in self.udp:
                 self.udp.put(flow, True)
-                name = dns_question(pkt.payload) if pkt.dport == 53 else None
-                return [self._obs(pkt, "connect", "udp", name=name)]
+                name = dns_question(bytes(frame[data:end])) if dport == 53 else None
+                return [Observation(when, "connect", "udp", *addresses(frame, at), None, (), name)]
             return []
-        if pkt.proto != TCP:
+        if proto != TCP:
             return []
-        if pkt.syn:
-            self.tcp.put(flow, Reassembly((pkt.seq + 1) & 0xFFFFFFFF))
-            return [self._obs(pkt, "connect", "tcp")]
-        if not pkt.payload:
+        if frame[p + 13] & 0x12 == 0x02:              # SYN without ACK: a connection attempt
+            self.tcp.put(flow, Reassembly((int.from_bytes(frame[p + 4:p + 8], "big") + 1) & 0xFFFFFFFF))
+            return [Observation(when, "connect", "tcp", *addresses(frame, at))]
+        if data >= end:
             return []
         state = self.tcp.get(flow)
         if state is DONE:
             return []
+        payload = bytes(frame[data:end])
         if state is None or not state.data and not state.pending:
-            if pkt.payload.startswith(HTTP_METHODS):
+            if payload.startswith(HTTP_METHODS):
                 self.tcp.put(flow, DONE)
-                return self._http(pkt)
+                return self._http(when, frame, at, payload)
             if state is None:
-                if not looks_like_tls(pkt.payload):
+                if not looks_like_tls(payload):
                     return []
                 state = Reassembly(None)
                 self.tcp.put(flow, state)
-        stream = state.add(pkt.seq, pkt.payload)
+        stream = state.add(int.from_bytes(frame[p + 4:p + 8], "big"), payload)
         try:
             hello = hello_from_records(stream) if stream else None
         except TLSError:
@@ -224,31 +237,32 @@ class Engine:
         if hello is None:
             return []
         self.tcp.put(flow, DONE)
-        return [self._obs(pkt, "hello", "tcp", sni=hello.sni, alpn=hello.alpn)]
+        return [Observation(when, "hello", "tcp", *addresses(frame, at), hello.sni, hello.alpn)]
 
-    def _quic(self, pkt: Packet, flow) -> list[Observation]:
+    def _quic(self, when: float, frame: bytes, at: tuple, flow: bytes) -> list[Observation]:
         state = self.quic.get(flow)
+        payload = bytes(frame[at[4]:at[5]])
         out = []
         if state is None:
-            if quic.first_initial_dcid(pkt.payload) is None:
+            if quic.first_initial_dcid(payload) is None:
                 return []                     # not the start of a connection we saw begin
-            out.append(self._obs(pkt, "connect", "quic"))
+            out.append(Observation(when, "connect", "quic", *addresses(frame, at)))
         if state is DONE:
             return out
         try:
-            stream, hello = quic.read_datagram(pkt.payload, state)
+            stream, hello = quic.read_datagram(payload, state)
         except (quic.QUICError, TLSError):
             self.quic.put(flow, DONE)
             return out
         if hello is not None:
             self.quic.put(flow, DONE)
-            out.append(self._obs(pkt, "hello", "quic", sni=hello.sni, alpn=hello.alpn))
+            out.append(Observation(when, "hello", "quic", *addresses(frame, at), hello.sni, hello.alpn))
         else:
             self.quic.put(flow, stream)
         return out
 
-    def _http(self, pkt: Packet) -> list[Observation]:
-        head = pkt.payload[:2048].split(b"\r\n")
+    def _http(self, when: float, frame: bytes, at: tuple, payload: bytes) -> list[Observation]:
+        head = payload[:2048].split(b"\r\n")
         parts = head[0].split(b" ")
         if len(parts) < 2:
             return []
@@ -257,13 +271,8 @@ class Engine:
             if line[:5].lower() == b"host:":
                 host = line[5:].strip().decode("ascii", "replace").lower().split(":")[0] or None
                 break
-        return [self._obs(pkt, "http", "tcp", name=host, detail=parts[1].decode("ascii", "replace")[:512])]
-
-    @staticmethod
-    def _obs(pkt: Packet, kind: str, transport: str, sni: str | None = None, alpn: tuple[str, ...] = (),
-             name: str | None = None, detail: str = "") -> Observation:
-        return Observation(pkt.time, kind, transport, pkt.version, pkt.src, pkt.dst, pkt.sport, pkt.dport,
-                           sni, alpn, name, detail)
+        return [Observation(when, "http", "tcp", *addresses(frame, at), None, (), host,
+                            parts[1].decode("ascii", "replace")[:512])]
 
     def summary(self) -> str:
         lines = [f"{'detector':<14}{'alerts':>8}{'repeats':>9}{'counted':>9}"]
