@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from resolver.policy import ENCRYPTED_DNS, Group, Policy, forget_oldest
 
@@ -183,8 +184,8 @@ def build_context(policy: Policy, sanctioned: tuple[str, ...], learned: Learned,
                    everything, started + settings.learning, learned, settings, sanctioned, quiet)
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
+class Finding(NamedTuple):
+    """One detector's finding (immutable; a NamedTuple because two are built per finding)."""
     detector: str
     observation: Observation
     service: str | None            # the service whose policy this bypasses; None: the resolver itself
@@ -247,7 +248,10 @@ def doh_quic(obs: Observation, ctx: Context) -> Finding | None:
 
 
 def _tagged(obs: Observation, ctx: Context, tag: str) -> bool:
-    return any(service == ENCRYPTED_DNS and tag in tags for service, tags in ctx.ranges.get(obs.version, obs.server))
+    for service, tags in ctx.ranges.get(obs.version, obs.server):
+        if service == ENCRYPTED_DNS and tag in tags:
+            return True
+    return False
 
 
 def doh_ip(obs: Observation, ctx: Context) -> Finding | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from resolver.wire import WireError, parse_query, read_name
 
@@ -162,9 +163,10 @@ def packet_at(frame: bytes, at: tuple, when: float) -> Packet:
     return Packet(when, version, src, dst, UDP, sport, dport, bytes(frame[data:end]), flow=flow_key(frame, at))
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
+class Observation(NamedTuple):
     """What a detector looks at: one thing a client did, derived once from one or more packets.
+    (An immutable NamedTuple, not a frozen dataclass: one is built per new flow, and a frozen
+    dataclass sets each of its twelve fields through object.__setattr__.)
 
     kind: `connect` (a TCP SYN, or the first datagram of a UDP flow), `hello` (a complete TLS or
     QUIC ClientHello), `http` (the first plain-HTTP request of a flow).
