@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import struct
 import sys
 import time
 
@@ -22,6 +23,7 @@ from .tls import Reassembly, TLSError, hello_from_records, looks_like_tls
 log = logging.getLogger("sinkhole.sidecar")
 DONE = object()             # a flow that needs no more looking at
 HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ")
+_HEAD = struct.Struct("!HBxH2xHxB10xHH").unpack_from     # Ethernet + IPv4 + ports, from byte 12
 
 
 class Engine:
@@ -88,40 +90,45 @@ class Engine:
                     self.ctx = build_context(self.policy, self.sanctioned, self.learned, when, self.settings)
                 if metrics is not None:
                     metrics.packets.inc()
-                # where things are (packets.locate), inline for the common frame
-                if (linktype == 1 and len(frame) >= 42 and frame[12] == 8 and frame[13] == 0
-                        and frame[14] == 0x45 and not frame[20] & 0x1F and not frame[21]
-                        and (frame[23] == 6 or frame[23] == 17)):
-                    proto = frame[23]
-                    end = 14 + (frame[16] << 8 | frame[17])
+                # where things are (packets.locate), inline for the common frame: one unpack of
+                # ethertype, IP version/IHL, total length, fragment field, protocol and ports
+                inline = False
+                if linktype == 1 and len(frame) >= 42:
+                    ethertype, vihl, total, fragment, proto, sport, dport = _HEAD(frame, 12)
+                    inline = (ethertype == 0x0800 and vihl == 0x45 and not fragment & 0x1FFF
+                              and (proto == 6 or proto == 17))
+                if inline:
+                    end = 14 + total
                     size = len(frame)
                     if end > size:
                         end = size
                     data = 42
                     if proto == TCP:
-                        data = 34 + (frame[46] >> 4) * 4
-                        if end < 54 or data < 54 or data > end:
+                        if end < 54:
                             data = -1
+                        else:
+                            data = 34 + (frame[46] >> 4) * 4
+                            if data < 54 or data > end:
+                                data = -1
                     elif end < 42:
                         data = -1
                     if data < 0:
                         at = None
                     else:
                         at = (4, 14, proto, 34, data, end)
-                        p, inline = 34, True
+                        p = 34
                 else:
                     at = locate(frame, linktype)
                     if at is not None:
                         _, _, proto, p, data, end = at
-                        inline = False
+                        sport, dport = frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
                 if at is None:
                     unparsed += 1
                     if metrics is not None:
                         metrics.unparsed.inc()
                     continue
                 key = None
-                if triage and frame[p] << 8 | frame[p + 1] != 53:     # 53: maybe our resolver's answer
-                    dport = frame[p + 2] << 8 | frame[p + 3]
+                if triage and sport != 53:                       # 53: maybe our resolver's answer
                     if proto == UDP:
                         if dport == 443:
                             if not (data < end and frame[data] & 0x80):    # not a long header
