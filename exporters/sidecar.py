@@ -18,7 +18,7 @@ from .alerts import Alerts
 from .detectors import DETECTORS, Learned, Settings, build_context, detect
 from .lru import LRU
 from .packets import TCP, UDP, Observation, addresses, dns_addresses, dns_question, flow_key, locate
-from .tls import Reassembly, TLSError, hello_from_records, looks_like_tls
+from .tls import MAX_HELLO, Reassembly, TLSError, hello_from_records, looks_like_tls
 
 log = logging.getLogger("sinkhole.sidecar")
 DONE = object()             # a flow that needs no more looking at
@@ -235,13 +235,19 @@ class Engine:
                     return []
                 state = Reassembly(None)
                 self.tcp.put(flow, state)
-        stream = state.add(int.from_bytes(frame[p + 4:p + 8], "big"), payload)
+        seq = int.from_bytes(frame[p + 4:p + 8], "big")
+        first = state.base == seq and not state.data and not state.pending
+        # the first segment at the stream's start is the stream so far (what state.add would
+        # return); it is copied into the state only when the hello needs more segments
+        stream = payload[:MAX_HELLO] if first else state.add(seq, payload)
         try:
             hello = hello_from_records(stream) if stream else None
         except TLSError:
             self.tcp.put(flow, DONE)
             return []
         if hello is None:
+            if first:
+                state.add(seq, payload)
             return []
         self.tcp.put(flow, DONE)
         return [Observation(when, "hello", "tcp", *addresses(frame, at), hello.sni, hello.alpn)]
