@@ -72,9 +72,10 @@ class Engine:
         flows already read, server traffic, short-header QUIC, other UDP. For each, `observe`'s own
         tests, in its order, are read off header bytes before any object is built, and the flow's
         place in its table is refreshed as `observe` would (so state and eviction order stay the
-        same). Untagged Ethernet IPv4 without options is located inline (its flow_key is then
-        bytes 26-38: addresses and ports back to back); anything else by packets.locate. Only the
-        rest becomes a Packet (`_deliver`)."""
+        same). Untagged Ethernet IPv4 without options is located inline, its header fields and
+        ports read by one struct unpack (its flow_key is then bytes 26-38: addresses and ports
+        back to back); anything else by packets.locate. Only the rest goes to `observe`, which
+        reads the frame's bytes too (`_deliver`): no Packet object on either path."""
         rows = []
         metrics = self.metrics
         triage = self.triage
