@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from resolver.policy import ENCRYPTED_DNS, Group, Policy, forget_oldest
 
@@ -183,8 +184,8 @@ def build_context(policy: Policy, sanctioned: tuple[str, ...], learned: Learned,
                    everything, started + settings.learning, learned, settings, sanctioned, quiet)
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
+class Finding(NamedTuple):
+    """One detector's finding (immutable; a NamedTuple because two are built per finding)."""
     detector: str
     observation: Observation
     service: str | None            # the service whose policy this bypasses; None: the resolver itself
@@ -247,7 +248,10 @@ def doh_quic(obs: Observation, ctx: Context) -> Finding | None:
 
 
 def _tagged(obs: Observation, ctx: Context, tag: str) -> bool:
-    return any(service == ENCRYPTED_DNS and tag in tags for service, tags in ctx.ranges.get(obs.version, obs.server))
+    for service, tags in ctx.ranges.get(obs.version, obs.server):
+        if service == ENCRYPTED_DNS and tag in tags:
+            return True
+    return False
 
 
 def doh_ip(obs: Observation, ctx: Context) -> Finding | None:
@@ -315,19 +319,22 @@ def no_dns(obs: Observation, ctx: Context) -> Finding | None:
 
 
 ORDER = (external_dns, dot, doq, doh_sni, doh_quic, doh_ip, httpdns, blocked_sni, blocked_ip, no_dns)
-# ORDER by observation kind: the detectors that can return a finding for it (each of the others
-# starts by returning None for that kind; tests/unit/test_sidecar_detectors.py checks this).
+# ORDER by observation (kind, transport): the detectors that can return a finding for it (each of
+# the others starts by returning None for it; tests/unit/test_sidecar_detectors.py checks this).
 BY_KIND = {
-    "connect": (external_dns, dot, doq, httpdns, blocked_ip, no_dns),
-    "hello": (dot, doq, doh_sni, doh_quic, doh_ip, blocked_sni),
-    "http": (httpdns,),
+    ("connect", "tcp"): (external_dns, dot, httpdns, blocked_ip, no_dns),
+    ("connect", "udp"): (external_dns, doq, httpdns, blocked_ip),
+    ("connect", "quic"): (doq, httpdns, blocked_ip, no_dns),
+    ("hello", "tcp"): (dot, doh_sni, doh_ip, blocked_sni),
+    ("hello", "quic"): (doq, doh_quic, doh_ip, blocked_sni),
+    ("http", "tcp"): (httpdns,),
 }
 
 
 def detect(obs: Observation, ctx: Context) -> list[Finding]:
     """Every finding for one observation, each marked alert or counted-only, with the reason."""
     findings = []
-    for d in BY_KIND.get(obs.kind, ORDER):
+    for d in BY_KIND.get((obs.kind, obs.transport), ORDER):
         f = d(obs, ctx)
         if f is not None:
             findings.append(f)

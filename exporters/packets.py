@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from resolver.wire import WireError, parse_query, read_name
 
@@ -15,6 +16,7 @@ LINKTYPE_ETHERNET, LINKTYPE_RAW, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2 = 1, 10
 LINKTYPE_RAW_ALIASES = {12, 14, 101, 228, 229}
 
 TCP, UDP = 6, 17
+_ONE_QUESTION = b"\0\1\0\0\0\0\0\0"       # QDCOUNT 1, AN, NS and AR 0
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 _V6_EXTENSIONS = {0, 43, 60}        # hop-by-hop, routing, destination options (fragment 44: dropped)
 _VLAN = {0x8100, 0x88A8, 0x9100}
@@ -140,23 +142,31 @@ def flow_key(frame: bytes, at: tuple) -> bytes:
     return frame[o + 12:o + 20] + frame[p:p + 4] if version == 4 else frame[o + 8:o + 40] + frame[p:p + 4]
 
 
-def packet_at(frame: bytes, at: tuple, when: float) -> Packet:
-    """The Packet of a located frame."""
-    version, o, proto, p, data, end = at
+def addresses(frame: bytes, at: tuple) -> tuple[int, int, int, int, int]:
+    """(IP version, source, destination, source port, destination port) of a located frame,
+    addresses as ints: an Observation's fields after its kind and transport."""
+    version, o, _, p, _, _ = at
     if version == 4:
         src, dst = int.from_bytes(frame[o + 12:o + 16], "big"), int.from_bytes(frame[o + 16:o + 20], "big")
     else:
         src, dst = int.from_bytes(frame[o + 8:o + 24], "big"), int.from_bytes(frame[o + 24:o + 40], "big")
-    sport, dport = frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
+    return version, src, dst, frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
+
+
+def packet_at(frame: bytes, at: tuple, when: float) -> Packet:
+    """The Packet of a located frame."""
+    version, src, dst, sport, dport = addresses(frame, at)
+    _, _, proto, p, data, end = at
     if proto == TCP:
         return Packet(when, version, src, dst, TCP, sport, dport, bytes(frame[data:end]), frame[p + 13],
                       int.from_bytes(frame[p + 4:p + 8], "big"), flow_key(frame, at))
     return Packet(when, version, src, dst, UDP, sport, dport, bytes(frame[data:end]), flow=flow_key(frame, at))
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
+class Observation(NamedTuple):
     """What a detector looks at: one thing a client did, derived once from one or more packets.
+    (An immutable NamedTuple, not a frozen dataclass: one is built per new flow, and a frozen
+    dataclass sets each of its twelve fields through object.__setattr__.)
 
     kind: `connect` (a TCP SYN, or the first datagram of a UDP flow), `hello` (a complete TLS or
     QUIC ClientHello), `http` (the first plain-HTTP request of a flow).
@@ -185,7 +195,27 @@ class Observation:
 
 
 def dns_question(message: bytes) -> str | None:
-    """The name a DNS query asks for, or None when it is not a readable query."""
+    """The name a DNS query asks for, or None when it is not a readable query.
+
+    The plain query (not a response, opcode 0, one question, no other records, labels of at
+    most 63 bytes without dots or backslashes) is read here; anything else goes to
+    resolver.wire.parse_query, whose answer (qname or error) this always equals."""
+    n = len(message)
+    if n >= 17 and not message[2] & 0xF8 and message[4:12] == _ONE_QUESTION:
+        labels = []
+        p = 12
+        while p < n:
+            length = message[p]
+            if not length:                  # the root: every label lay inside the message
+                if p + 5 <= n and p - 12 <= 255:
+                    raw = b".".join(labels)
+                    if raw.count(b".") == len(labels) - 1 and b"\\" not in raw:
+                        return raw.decode("latin-1").lower()
+                break
+            if length > 63:
+                break
+            labels.append(message[p + 1:p + 1 + length])
+            p += length + 1
     try:
         return parse_query(message).qname
     except (WireError, IndexError, ValueError, UnicodeError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import struct
 import sys
 import time
 
@@ -16,12 +17,13 @@ from . import quic
 from .alerts import Alerts
 from .detectors import DETECTORS, Learned, Settings, build_context, detect
 from .lru import LRU
-from .packets import TCP, UDP, Observation, Packet, dns_addresses, dns_question, flow_key, locate, packet_at
-from .tls import Reassembly, TLSError, hello_from_records, looks_like_tls
+from .packets import TCP, UDP, Observation, addresses, dns_addresses, dns_question, flow_key, locate
+from .tls import MAX_HELLO, Reassembly, TLSError, hello_from_records, looks_like_tls
 
 log = logging.getLogger("sinkhole.sidecar")
 DONE = object()             # a flow that needs no more looking at
 HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ")
+_HEAD = struct.Struct("!HBxH2xHxB10xHH").unpack_from     # Ethernet + IPv4 + ports, from byte 12
 
 
 class Engine:
@@ -70,9 +72,10 @@ class Engine:
         flows already read, server traffic, short-header QUIC, other UDP. For each, `observe`'s own
         tests, in its order, are read off header bytes before any object is built, and the flow's
         place in its table is refreshed as `observe` would (so state and eviction order stay the
-        same). Untagged Ethernet IPv4 without options is located inline (its flow_key is then
-        bytes 26-38: addresses and ports back to back); anything else by packets.locate. Only the
-        rest becomes a Packet (`_deliver`)."""
+        same). Untagged Ethernet IPv4 without options is located inline, its header fields and
+        ports read by one struct unpack (its flow_key is then bytes 26-38: addresses and ports
+        back to back); anything else by packets.locate. Only the rest goes to `observe`, which
+        reads the frame's bytes too (`_deliver`): no Packet object on either path."""
         rows = []
         metrics = self.metrics
         triage = self.triage
@@ -88,39 +91,45 @@ class Engine:
                     self.ctx = build_context(self.policy, self.sanctioned, self.learned, when, self.settings)
                 if metrics is not None:
                     metrics.packets.inc()
-                # where things are (packets.locate), inline for the common frame
-                if (linktype == 1 and len(frame) >= 42 and frame[12] == 8 and frame[13] == 0
-                        and frame[14] == 0x45 and not frame[20] & 0x1F and not frame[21]
-                        and (frame[23] == 6 or frame[23] == 17)):
-                    proto = frame[23]
-                    end = 14 + (frame[16] << 8 | frame[17])
+                # where things are (packets.locate), inline for the common frame: one unpack of
+                # ethertype, IP version/IHL, total length, fragment field, protocol and ports
+                inline = False
+                if linktype == 1 and len(frame) >= 42:
+                    ethertype, vihl, total, fragment, proto, sport, dport = _HEAD(frame, 12)
+                    inline = (ethertype == 0x0800 and vihl == 0x45 and not fragment & 0x1FFF
+                              and (proto == 6 or proto == 17))
+                if inline:
+                    end = 14 + total
                     size = len(frame)
                     if end > size:
                         end = size
                     data = 42
                     if proto == TCP:
-                        data = 34 + (frame[46] >> 4) * 4
-                        if end < 54 or data < 54 or data > end:
+                        if end < 54:
                             data = -1
+                        else:
+                            data = 34 + (frame[46] >> 4) * 4
+                            if data < 54 or data > end:
+                                data = -1
                     elif end < 42:
                         data = -1
                     if data < 0:
                         at = None
                     else:
                         at = (4, 14, proto, 34, data, end)
-                        p, inline = 34, True
+                        p = 34
                 else:
                     at = locate(frame, linktype)
                     if at is not None:
                         _, _, proto, p, data, end = at
-                        inline = False
+                        sport, dport = frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
                 if at is None:
                     unparsed += 1
                     if metrics is not None:
                         metrics.unparsed.inc()
                     continue
-                if triage and frame[p] << 8 | frame[p + 1] != 53:     # 53: maybe our resolver's answer
-                    dport = frame[p + 2] << 8 | frame[p + 3]
+                key = None
+                if triage and sport != 53:                       # 53: maybe our resolver's answer
                     if proto == UDP:
                         if dport == 443:
                             if not (data < end and frame[data] & 0x80):    # not a long header
@@ -129,7 +138,7 @@ class Engine:
                                     quic_touch(key)
                                 continue
                         elif dport != 53 and dport != 853 or (
-                                frame[26:38] if inline else flow_key(frame, at)) in udp_flows:
+                                key := frame[26:38] if inline else flow_key(frame, at)) in udp_flows:
                             continue
                     elif not frame[p + 13] & 0x12 == 0x02:             # not a connection attempt
                         if data >= end:
@@ -141,10 +150,10 @@ class Engine:
                             if state is DONE:
                                 continue
                         else:
-                            head = frame[data:data + 5 if data + 5 < end else end]
-                            if not (head.startswith(HTTP_METHODS) or looks_like_tls(head)):
-                                continue
-                found = deliver(when, frame, at)
+                            if not (data + 3 <= end and frame[data] == 0x16 and frame[data + 1] == 3
+                                    and frame[data + 2] <= 4 or frame.startswith(HTTP_METHODS, data, end)):
+                                continue                               # (looks_like_tls, inline)
+                found = deliver(when, frame, at, key)
                 if found:
                     rows += found
         finally:
@@ -152,12 +161,16 @@ class Engine:
             self.unparsed += unparsed
         return rows
 
-    def _deliver(self, when: float, frame: bytes, at: tuple) -> list[dict]:
+    def _deliver(self, when: float, frame: bytes, at: tuple, flow: bytes | None = None) -> list[dict]:
         """A located packet that may tell something: observations, findings, alerts."""
-        pkt = packet_at(frame, at, when)
         ctx = self.ctx                                 # one snapshot for the whole packet
+        observations = self.observe(when, frame, at, ctx, flow)
+        return self._report(observations, ctx) if observations else []
+
+    def _report(self, observations, ctx) -> list[dict]:
+        """Findings of observations -> counts, alert rows (deduplicated), enforcement, metrics."""
         rows = []
-        for obs in self.observe(pkt, ctx):
+        for obs in observations:
             for f in detect(obs, ctx):
                 counts = self.counts[f.detector]
                 if self.metrics is not None:
@@ -179,76 +192,91 @@ class Engine:
                         self.metrics.alerts.labels(f.detector).inc()
         return rows
 
-    def observe(self, pkt: Packet, ctx) -> list[Observation]:
-        """What one packet tells: learn our resolver's answers; turn client packets into
-        observations (a new flow, a complete ClientHello, an HTTP request)."""
-        if pkt.sport == 53 and (pkt.version, pkt.src) in ctx.sanctioned:
-            message = pkt.payload[2:] if pkt.proto == TCP else pkt.payload
-            for version, address, ttl in dns_addresses(message):
-                self.learned.answer((pkt.version, pkt.dst), (version, address), ttl, pkt.time)
-            return []
-        flow = pkt.flow
-        if pkt.proto == UDP:
-            if pkt.dport == 443:
-                return self._quic(pkt, flow)
-            if pkt.dport in (53, 853) and flow not in self.udp:
+    def observe(self, when: float, frame: bytes, at: tuple, ctx, flow: bytes | None = None) -> list[Observation]:
+        """What one located packet tells: learn our resolver's answers; turn client packets into
+        observations (a new flow, a complete ClientHello, an HTTP request). Read off the frame's
+        bytes; addresses become ints only for an observation (`addresses`)."""
+        version, o, proto, p, data, end = at
+        sport, dport = frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
+        if sport == 53:
+            src = int.from_bytes(frame[o + 12:o + 16] if version == 4 else frame[o + 8:o + 24], "big")
+            if (version, src) in ctx.sanctioned:
+                message = frame[data + 2 if proto == TCP else data:end]
+                dst = addresses(frame, at)[2]
+                for v, address, ttl in dns_addresses(message):
+                    self.learned.answer((version, dst), (v, address), ttl, when)
+                return []
+        if flow is None:
+            flow = flow_key(frame, at)
+        if proto == UDP:
+            if dport == 443:
+                return self._quic(when, frame, at, flow)
+            if (dport == 53 or dport == 853) and flow not in self.udp:
                 self.udp.put(flow, True)
-                name = dns_question(pkt.payload) if pkt.dport == 53 else None
-                return [self._obs(pkt, "connect", "udp", name=name)]
+                name = dns_question(bytes(frame[data:end])) if dport == 53 else None
+                return [Observation(when, "connect", "udp", *addresses(frame, at), None, (), name)]
             return []
-        if pkt.proto != TCP:
+        if proto != TCP:
             return []
-        if pkt.syn:
-            self.tcp.put(flow, Reassembly((pkt.seq + 1) & 0xFFFFFFFF))
-            return [self._obs(pkt, "connect", "tcp")]
-        if not pkt.payload:
+        if frame[p + 13] & 0x12 == 0x02:              # SYN without ACK: a connection attempt
+            self.tcp.put(flow, Reassembly((int.from_bytes(frame[p + 4:p + 8], "big") + 1) & 0xFFFFFFFF))
+            return [Observation(when, "connect", "tcp", *addresses(frame, at))]
+        if data >= end:
             return []
         state = self.tcp.get(flow)
         if state is DONE:
             return []
+        payload = bytes(frame[data:end])
         if state is None or not state.data and not state.pending:
-            if pkt.payload.startswith(HTTP_METHODS):
+            if payload.startswith(HTTP_METHODS):
                 self.tcp.put(flow, DONE)
-                return self._http(pkt)
+                return self._http(when, frame, at, payload)
             if state is None:
-                if not looks_like_tls(pkt.payload):
+                if not looks_like_tls(payload):
                     return []
                 state = Reassembly(None)
                 self.tcp.put(flow, state)
-        stream = state.add(pkt.seq, pkt.payload)
+        seq = int.from_bytes(frame[p + 4:p + 8], "big")
+        first = state.base == seq and not state.data and not state.pending
+        # the first segment at the stream's start is the stream so far (what state.add would
+        # return); it is copied into the state only when the hello needs more segments
+        stream = payload[:MAX_HELLO] if first else state.add(seq, payload)
         try:
             hello = hello_from_records(stream) if stream else None
         except TLSError:
             self.tcp.put(flow, DONE)
             return []
         if hello is None:
+            if first:
+                state.add(seq, payload)
             return []
         self.tcp.put(flow, DONE)
-        return [self._obs(pkt, "hello", "tcp", sni=hello.sni, alpn=hello.alpn)]
+        return [Observation(when, "hello", "tcp", *addresses(frame, at), hello.sni, hello.alpn)]
 
-    def _quic(self, pkt: Packet, flow) -> list[Observation]:
+    def _quic(self, when: float, frame: bytes, at: tuple, flow: bytes) -> list[Observation]:
         state = self.quic.get(flow)
+        payload = bytes(frame[at[4]:at[5]])
         out = []
         if state is None:
-            if quic.first_initial_dcid(pkt.payload) is None:
+            if quic.first_initial_dcid(payload) is None:
                 return []                     # not the start of a connection we saw begin
-            out.append(self._obs(pkt, "connect", "quic"))
+            out.append(Observation(when, "connect", "quic", *addresses(frame, at)))
         if state is DONE:
             return out
         try:
-            stream, hello = quic.read_datagram(pkt.payload, state)
+            stream, hello = quic.read_datagram(payload, state)
         except (quic.QUICError, TLSError):
             self.quic.put(flow, DONE)
             return out
         if hello is not None:
             self.quic.put(flow, DONE)
-            out.append(self._obs(pkt, "hello", "quic", sni=hello.sni, alpn=hello.alpn))
+            out.append(Observation(when, "hello", "quic", *addresses(frame, at), hello.sni, hello.alpn))
         else:
             self.quic.put(flow, stream)
         return out
 
-    def _http(self, pkt: Packet) -> list[Observation]:
-        head = pkt.payload[:2048].split(b"\r\n")
+    def _http(self, when: float, frame: bytes, at: tuple, payload: bytes) -> list[Observation]:
+        head = payload[:2048].split(b"\r\n")
         parts = head[0].split(b" ")
         if len(parts) < 2:
             return []
@@ -257,13 +285,8 @@ class Engine:
             if line[:5].lower() == b"host:":
                 host = line[5:].strip().decode("ascii", "replace").lower().split(":")[0] or None
                 break
-        return [self._obs(pkt, "http", "tcp", name=host, detail=parts[1].decode("ascii", "replace")[:512])]
-
-    @staticmethod
-    def _obs(pkt: Packet, kind: str, transport: str, sni: str | None = None, alpn: tuple[str, ...] = (),
-             name: str | None = None, detail: str = "") -> Observation:
-        return Observation(pkt.time, kind, transport, pkt.version, pkt.src, pkt.dst, pkt.sport, pkt.dport,
-                           sni, alpn, name, detail)
+        return [Observation(when, "http", "tcp", *addresses(frame, at), None, (), host,
+                            parts[1].decode("ascii", "replace")[:512])]
 
     def summary(self) -> str:
         lines = [f"{'detector':<14}{'alerts':>8}{'repeats':>9}{'counted':>9}"]

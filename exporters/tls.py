@@ -6,7 +6,7 @@ in sequence order, up to MAX_HELLO bytes. Errors raise `TLSError`; nothing else 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_HELLO = 8192           # bytes of client stream kept per flow; a ClientHello is ~0.5-2.5 KiB
 EXT_SNI, EXT_ALPN, EXT_VERSIONS, EXT_QUIC_TP, EXT_ECH = 0x0000, 0x0010, 0x002B, 0x0039, 0xFE0D
@@ -16,8 +16,9 @@ class TLSError(ValueError):
     """Not a ClientHello, or a malformed one."""
 
 
-@dataclass(frozen=True, slots=True)
-class ClientHello:
+class ClientHello(NamedTuple):
+    """(Immutable; a NamedTuple: one per hello, and a frozen dataclass sets each field by
+    object.__setattr__.)"""
     sni: str | None
     alpn: tuple[str, ...] = ()
     versions: tuple[int, ...] = ()

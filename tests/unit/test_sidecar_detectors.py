@@ -241,29 +241,30 @@ def test_reload_swaps_policy_and_keeps_the_last_good_one(tmp_path):
 
 
 def test_detect_skips_only_detectors_that_cannot_fire_for_a_kind(eng):
-    """detect() runs BY_KIND[kind], not ORDER: every detector left out for a kind must return
-    None for every observation of that kind (all kinds, transports, ports, names, ALPNs, servers)."""
+    """detect() runs BY_KIND[(kind, transport)], not ORDER: every detector left out for a kind and
+    transport must return None for every observation of them (all ports, names, ALPNs, servers)."""
     import ipaddress
     import itertools
 
     from exporters.detectors import BY_KIND, ORDER
     from exporters.packets import Observation
     ctx = eng.ctx
-    assert set(BY_KIND) == {"connect", "hello", "http"}
-    for kind in BY_KIND:
-        assert [d for d in ORDER if d in BY_KIND[kind]] == list(BY_KIND[kind])     # ORDER kept
+    assert set(BY_KIND) == {("connect", "tcp"), ("connect", "udp"), ("connect", "quic"), ("hello", "tcp"),
+                            ("hello", "quic"), ("http", "tcp")}
+    for key in BY_KIND:
+        assert [d for d in ORDER if d in BY_KIND[key]] == list(BY_KIND[key])     # ORDER kept
     servers = [ipaddress.ip_address(a) for a in (DOH_IP, HTTPDNS_IP, CHAT_IP, WEB_IP, RESOLVER, DOH_IP6, WEB_IP6)]
     names = [None, "dns.doh.test", "web.chat.test", "www.example.test"]
     fired = set()
-    for kind, transport, port, server, name, alpn, detail in itertools.product(
-            BY_KIND, ("tcp", "udp", "quic"), (53, 80, 443, 853), servers, names,
+    for (kind, transport), port, server, name, alpn, detail in itertools.product(
+            BY_KIND, (53, 80, 443, 853), servers, names,
             ((), ("dot",), ("doq",), ("h3",)), ("", "/dns-query?dns=x", "/d?dn=a.test")):
         client = ipaddress.ip_address(DESKTOP6 if server.version == 6 else DESKTOP)
         obs = Observation(T0 + 10, kind, transport, server.version, int(client), int(server), 40000, port,
                           sni=name, alpn=alpn, name=name, detail=detail)
         for d in ORDER:
             found = d(obs, ctx)
-            if d not in BY_KIND[kind]:
+            if d not in BY_KIND[(kind, transport)]:
                 assert found is None, (d.__name__, obs)
             elif found is not None:
                 fired.add((kind, d.__name__))

@@ -72,3 +72,41 @@ def test_dns_question_and_answers():
     assert dns_addresses(reply) == [(4, 0xC000020A, 77), (6, 0x20010DB8 << 96 | 0x10, 77)]
     assert dns_addresses(dns_query("x.test")) == []                  # a query, not a response
     assert dns_addresses(reply[:-3]) == [(4, 0xC000020A, 77)]        # truncated: what was readable
+
+
+def test_dns_question_fast_path_equals_parse_query():
+    """dns_question reads a plain query itself; on 20,000 mutated queries (flags, counts, label
+    lengths, dots and backslashes in labels, truncation, case) it must equal parse_query's qname,
+    or None where parse_query raises."""
+    from resolver.wire import WireError, parse_query
+    rng = random.Random(11)
+    bases = [dns_query(n) for n in ("Chat.Test.", "a.b.c.example.org.", "x.", "web.whatsapp.com.")]
+    fast = 0
+    for _ in range(20000):
+        q = bytearray(rng.choice(bases))
+        for _ in range(rng.randrange(3)):
+            at = rng.randrange(len(q))
+            q[at] = rng.choice((0, 1, 2, 46, 92, 63, 64, 0x80, 0xC0, 0xFF, rng.randrange(256)))
+        if rng.random() < 0.2:
+            q = q[:rng.randrange(len(q) + 1)]
+        q = bytes(q)
+        try:
+            want = parse_query(q).qname
+        except (WireError, IndexError, ValueError, UnicodeError):
+            want = None
+        assert dns_question(q) == want, q
+        fast += want is not None and q[4:12] == b"\0\1\0\0\0\0\0\0"
+    assert fast > 1000                      # the fast path was taken, not only parse_query
+
+
+def test_truncated_ipv4_tcp_frames_are_unparsed_not_a_crash(tmp_path):
+    """A captured TCP frame cut short (snap length) inside the TCP header: the engine's inline
+    locate counts it unparsed, as packets.locate does, instead of raising IndexError."""
+    from exporters.packets import locate
+    from sidecar_frames import engine as make_engine
+    engine = make_engine(tmp_path)
+    whole = syn("10.1.0.10", "192.0.2.1", 443)
+    for cut in range(42, 54):
+        assert locate(whole[:cut], 1) is None
+        assert engine.feed(5.0, 1, whole[:cut]) == []
+    assert engine.unparsed == 12
