@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FOREVER = float("inf")           # reusable for the life of the policy snapshot
-
 from .cache import Cache
 from .policy import Decision, Policy, decide
 from .wire import (ANY, AXFR, IN, IXFR, REFUSED, SERVFAIL, EdnsVersionError, Query,
                    Reply, WireError, block_reply, build_reply, error_reply, formerr_for,
                    hinfo_reply, parse_query)
+
+FOREVER = float("inf")           # reusable for the life of the policy snapshot
 
 
 @dataclass(slots=True)
@@ -32,7 +32,7 @@ class Outcome:
     client: str | None = None    # the address policy used (the ECS address behind a forwarder)
     udp_limit: int = 512         # the largest UDP answer this client accepts
     reuse_until: float = 0.0     # until when the same bytes (but the ID) from the same group may get
-                                 # the same answer and Outcome (see Policy.answers); 0: never
+                                 # the same answer and Outcome (see Policy.remember); 0: never
 
 
 @dataclass(slots=True)
@@ -94,21 +94,22 @@ def begin(data: bytes, client: str, policy: Policy, ctx: Context, now: float):
                   decision.exemption.id if decision.exemption else None, client, query.max_udp)
     # 6. Only IN-class queries, no zone transfers: there is nothing else to serve.
     reusable = memo is not None and policy.timeless(decision)
+    lasting = FOREVER if reusable else 0.0          # what the answers of 6 to 8 may be reused for
     if query.qclass != IN or query.qtype in (AXFR, IXFR):
         out.action, out.rcode = "refused", REFUSED
-        out.reuse_until = FOREVER if reusable else 0.0
+        out.reuse_until = lasting
         return error_reply(query, REFUSED), out
     # 7. Policy before the cache: a blocked name never reaches the cache or the upstream, and the
     #    block answers every query type.
     if decision.action == "block":
         reply = block_reply(query, decision.response, decision.ttl, *_sinkhole(policy, decision))
         out.rcode = reply[3] & 0xF
-        out.reuse_until = FOREVER if reusable else 0.0
+        out.reuse_until = lasting
         return reply, out
     # 8. ANY gets the RFC 8482 minimal answer: no amplification.
     if query.qtype == ANY:
         out.action = "local"
-        out.reuse_until = FOREVER if reusable else 0.0
+        out.reuse_until = lasting
         return hinfo_reply(query), out
     # 9. The cache: upstream answers only, shared by all groups.
     #    The answer may be reused until its TTLs would tick down (whole seconds), if no exemption can

@@ -3,10 +3,10 @@ from the server at scrape time. Served on `metrics: {listen: host:port}` with /h
 
 Per query the cost is one plain dict increment keyed by the query's signature (group, qtype,
 action, rcode, service) and one histogram bucket (no prometheus-client child, no lock): the counts
-become metric families only when Prometheus scrapes. What the
-server already counts (cache size and hits, policy entries, exemptions, query-log drops) is read
-when Prometheus scrapes, not pushed per query. Labels come only from small known sets (see
-exposition.LABELS); client addresses and query names never do: they belong to the query log.
+become metric families only when Prometheus scrapes. What the server already counts (cache size
+and hits, policy entries, exemptions, query-log drops) is read when Prometheus scrapes, not pushed
+per query. Labels come only from small known sets (see exposition.LABELS); client addresses and
+query names never do: they belong to the query log.
 """
 from __future__ import annotations
 

@@ -259,6 +259,7 @@ class Server:
                     loop.call_soon_threadsafe(handoff, sock, step, addr, policy, started, now)
                     continue
                 reply, outcome = step
+                kept = False
                 if reply is not None:
                     if len(reply) > outcome.udp_limit:
                         reply = truncate(reply, outcome.udp_limit)
@@ -267,10 +268,16 @@ class Server:
                     except OSError:
                         pass
                     if outcome.reuse_until > now and answers_max:
+                        kept = True
+                        sig, middle = observer.signature(outcome), querylog.middle(outcome)
                         policy.remember(client, outcome.group, data[2:],
-                                        (reply[2:], outcome.reuse_until, observer.signature(outcome),
-                                         querylog.middle(outcome), outcome.action == "cached"), answers_max)
+                                        (reply[2:], outcome.reuse_until, sig, middle, outcome.action == "cached"),
+                                        answers_max)
                 duration = perf() - started
+                if kept:                # counted and logged from what was kept, as its reuses will be
+                    count(sig, duration)
+                    write(now, client, middle, duration)
+                    continue
                 observe(outcome, duration)
                 if outcome.action != "dropped":
                     log_query(now, outcome, duration)
