@@ -10,12 +10,13 @@ from .loader import PolicyError, _Report, parse_network
 from .yamlsrc import Located, LocatedList, Problem, read_yaml
 
 KEYS = {"listen", "upstreams", "upstream_timeout", "blocklists", "cache", "reload_interval",
-        "query_log", "metrics", "ecs_clients_from", "user", "sanctioned_resolvers", "rate_limit", "tcp"}
+        "query_log", "metrics", "ecs_clients_from", "user", "sanctioned_resolvers", "rate_limit", "tcp", "udp"}
 CACHE_KEYS = {"size", "min_ttl", "max_ttl", "negative_max_ttl", "serve_stale", "answers"}
 LOG_KEYS = {"target", "max_bytes", "backups", "queue"}
 METRICS_KEYS = {"listen"}
 RATE_KEYS = {"rate", "burst", "exempt", "slip"}
 TCP_KEYS = {"max_connections", "idle_timeout", "max_queries", "max_lifetime"}
+UDP_KEYS = {"batch"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class TcpConfig:
 
 
 @dataclass(frozen=True)
+class UdpConfig:
+    batch: int = 64              # datagrams taken in (recvmmsg) and answered (sendmmsg) per system call; 1: recvfrom/sendto
+
+
+@dataclass(frozen=True)
 class Config:
     path: str = "sinkhole.yaml"
     listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 5353),)
@@ -68,6 +74,7 @@ class Config:
     sanctioned_resolvers: tuple[str, ...] = ()
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
+    udp: UdpConfig = field(default_factory=UdpConfig)
 
 
 def parse_hostport(text, default_port: int | None) -> tuple[str, int]:
@@ -205,6 +212,9 @@ def load_config(path) -> Config:
                                                "max_lifetime": float})
     if tcp.max_lifetime <= 0:
         report.error(data["tcp"].line_of("max_lifetime"), "tcp.max_lifetime must be seconds > 0")
+    udp = section("udp", UDP_KEYS, UdpConfig, {"batch": int})
+    if not 1 <= udp.batch <= 1024:
+        report.error(data["udp"].line_of("batch"), "udp.batch must be a whole number from 1 to 1024")
     if query_log.target not in ("off", "stdout", "-"):
         query_log = QueryLogConfig(str(base / query_log.target), query_log.max_bytes,
                                    query_log.backups, query_log.queue)
@@ -213,4 +223,4 @@ def load_config(path) -> Config:
         raise PolicyError(errors)
     return Config(str(path), listen or Config.listen, upstreams, float(timeout), str(base / blocklists),
                   cache, float(interval), query_log, metrics, tuple(str(x) for x in ecs), user,
-                  tuple(str(x) for x in sanctioned), rate, tcp)
+                  tuple(str(x) for x in sanctioned), rate, tcp, udp)

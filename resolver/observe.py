@@ -20,6 +20,10 @@ class Quiet:
     def count(self, signature, duration: float) -> None:
         """One query answered with an Outcome of this signature, taking `duration` seconds."""
 
+    def count_many(self, signatures: list, duration: float) -> None:
+        """One query answered per entry of `signatures` (repeats allowed), each taking `duration`
+        seconds: a batch of answers sent together."""
+
     def upstream(self, upstream: str, seconds: float, ok: bool) -> None:
         """One attempt at one upstream."""
 

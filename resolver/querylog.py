@@ -1,8 +1,8 @@
 """The audit query log: one JSON line per query.
 
-The serving thread keeps each line's fields in a short list; every CHUNK lines (and every
-FLUSH_INTERVAL, from the server's event loop) it renders them into one block of bytes in C
-(str % tuple over the list) and queues the block. A writer thread of its own only writes blocks:
+The serving thread formats each line (a UDP batch's lines at once, with one join: they share a
+time and a duration) into a short list; every CHUNK lines (and every FLUSH_INTERVAL, from the
+server's event loop) it joins them into one block of bytes and queues the block. A writer thread of its own only writes blocks:
 it needs the interpreter for a few bytecodes per block, not per line, so it hardly competes with
 the serving thread for it. If the queue is full (a slow, stalled or full disk) the lines are
 dropped and counted, and the answers go out regardless; a failed write drops exactly the lines it
@@ -28,8 +28,8 @@ from .wire import QTYPE_NAMES, RCODE_NAMES
 
 FIELDS = ("time", "client", "group", "qname", "qtype", "decision", "service", "rule", "exemption",
           "rcode", "duration_ms")
-CHUNK = 128                      # lines rendered at once by the serving thread
-LINE = '{"time":"%s.%03d+00:00","client":%s,%s"duration_ms":%.3f}\n'
+CHUNK = 128                      # lines queued for the writer at once by the serving thread
+LINE = '{"time":"%s","client":%s,%s"duration_ms":%.3f}\n'
 FLUSH_INTERVAL = 0.05            # seconds: how stale the file may be behind the answers
 _QTYPES = {code: f'"{name}"' for code, name in QTYPE_NAMES.items()}
 _RCODES = {code: f'"{name}"' for code, name in RCODE_NAMES.items()}
@@ -52,7 +52,8 @@ class QueryLog:
         self._full = 0              # lines lost because the queue was full (serving side)
         self._failed = 0            # lines lost because a write failed (writer thread)
         self._limit = max(1, queue_size)
-        self._fields: list = []     # lines not rendered yet (serving side)
+        self._text: list = []       # lines not queued yet, as text (serving side)
+        self._lines = 0             # how many lines _text holds
         self._blocks: deque = deque()   # (bytes, lines) rendered, waiting for the writer
         self._enqueued = 0          # lines queued as blocks (serving side only)
         self._taken = 0             # lines taken by the writer, written or lost (writer only)
@@ -78,54 +79,53 @@ class QueryLog:
     # -- the serving side (callers hold self.lock) ---------------------------------------------
     def log(self, when: float, outcome, duration: float) -> None:
         if self.enabled:
-            self._append(self._line_fields(when, _s(outcome.client), self.middle(outcome), duration))
+            self._add(LINE % (self._time(when), _s(outcome.client), self.middle(outcome), duration * 1000), 1)
 
-    def write(self, when: float, client: str, middle: str, duration: float) -> None:
-        """log() for an answer the server reuses: `middle` is what middle() made of its Outcome,
-        `client` an address as the kernel wrote it (it needs no escaping)."""
-        if not self.enabled:            # the hot path: _line_fields and _append written out
-            return
+    def write_many(self, when: float, duration: float, tails: list) -> None:
+        """One line per entry of `tails` for a batch of answers that share a time and a duration
+        (the server's UDP batch): each tail is client(...) + middle(...) of one answer. The lines
+        are one join: LINE's start and end are formatted once for the batch."""
+        if self.enabled and tails:
+            head = '{"time":"%s",' % self._time(when)
+            end = '"duration_ms":%.3f}\n' % (duration * 1000)
+            self._add(head + (end + head).join(tails) + end, len(tails))
+
+    @staticmethod
+    def client(address: str) -> str:
+        """The client field of a line for an address as the kernel wrote it (no escaping needed),
+        with its comma: what write_many's tails start with."""
+        return f'"client":"{address}",'
+
+    def _time(self, when: float) -> str:
         second = int(when)
         if second != self._second:
-            self._new_second(second)
-        pending = self._fields
-        pending.append((self._stamp, (when - second) * 1000, f'"{client}"', middle, duration * 1000))
-        if len(pending) >= CHUNK:
-            self.render()
+            self._second = second
+            self._stamp = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%S")
+        return "%s.%03d+00:00" % (self._stamp, (when - second) * 1000)
 
-    def _line_fields(self, when: float, client: str, middle: str, duration: float) -> tuple:
-        """What LINE needs, in its order."""
-        second = int(when)
-        if second != self._second:
-            self._new_second(second)
-        return self._stamp, (when - second) * 1000, client, middle, duration * 1000
-
-    def _new_second(self, second: int) -> None:
-        self._second = second
-        self._stamp = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-
-    def _append(self, fields: tuple) -> None:
-        pending = self._fields
-        pending.append(fields)
-        if len(pending) >= CHUNK:
+    def _add(self, text: str, lines: int) -> None:
+        self._text.append(text)
+        self._lines += lines
+        if self._lines >= CHUNK:
             self.render()
 
     def render(self) -> None:
-        """Turn the lines kept so far into one block for the writer (or count them lost if the
-        queue is full). The server calls this every FLUSH_INTERVAL too, so a quiet resolver's lines
-        do not wait for CHUNK more."""
+        """Queue the lines kept so far as one block for the writer (or count them lost if the queue
+        is full). The server calls this every FLUSH_INTERVAL too, so a quiet resolver's lines do
+        not wait for CHUNK more."""
         with self.lock:
-            pending = self._fields
-            if not pending:
+            count = self._lines
+            if not count:
                 return
-            self._fields = []
-            count = len(pending)
+            text, self._text, self._lines = self._text, [], 0
             if self._enqueued - self._taken + count > self._limit:
                 self._full += count
                 return
-            self._blocks.append(("".join(map(LINE.__mod__, pending)).encode("utf-8", "backslashreplace"),
-                                 count))
+            self._blocks.append(("".join(text).encode("utf-8", "backslashreplace"), count))
             self._enqueued += count
+            if self._enqueued - self._taken > self._limit >> 2:
+                self._wake.set()        # a busy resolver: the writer need not wait out FLUSH_INTERVAL
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every line logged so far is written or dropped (tests, shutdown). False if
@@ -150,7 +150,7 @@ class QueryLog:
 
     def format(self, when: float, o, duration: float) -> str:
         """The line log() writes for this Outcome (without its newline)."""
-        return (LINE % self._line_fields(when, _s(o.client), self.middle(o), duration))[:-1]
+        return (LINE % (self._time(when), _s(o.client), self.middle(o), duration * 1000))[:-1]
 
     @staticmethod
     def middle(o) -> str:

@@ -28,6 +28,7 @@ from .policy import Policy
 from .querylog import FLUSH_INTERVAL, QueryLog
 from .ratelimit import PASS, SLIP, RateLimiter, slip_answer
 from .upstream import Upstreams
+from .udpio import udp_io
 from .wire import truncate
 
 log = logging.getLogger("sinkhole")
@@ -199,102 +200,118 @@ class Server:
                 self.observer.dropped("internal")
 
     def _udp_loop(self, sock: socket.socket) -> None:
-        """The thread of one UDP socket: a blocking recvfrom, no event loop in between. What can be
-        answered at once (blocks, cache hits, errors) is answered here; what needs the upstream is
-        handed to the event loop. Everything but the two syscalls runs under self.lock, which the
-        event loop thread takes too (TCP, upstream answers, reloads): one writer at a time for the
-        cache, the counters and the query log. This is the resolver's hot loop; names are bound
+        """The thread of one UDP socket: it takes in every datagram waiting at once (udpio: one
+        recvmmsg), answers what can be answered at once (blocks, cache hits, errors), sends those
+        answers at once (one sendmmsg), then counts and logs them; what needs the upstream is
+        handed to the event loop. Everything but receiving runs under self.lock, which the event
+        loop thread takes too (TCP, upstream answers, reloads, scrapes): one writer at a time for
+        the cache, the counters and the query log, and an answer is counted and logged before
+        anyone else can look. The answers of a batch share its time and its duration (from
+        receiving the batch to having sent it). This is the resolver's hot loop; names are bound
         locally and the path for a reused answer (Policy.remember) is written out."""
-        recvfrom, sendto, nowait = sock.recvfrom, sock.sendto, socket.MSG_DONTWAIT
+        io = udp_io(sock, self.config.udp.batch)
+        receive, send, address = io.receive, io.send, io.address
         begin, forward_type, ctx, cache = core.begin, core.Forward, self.ctx, self.cache
         perf, clock, ratelimit = time.perf_counter, self.clock, self.ratelimit
         observer, querylog = self.observer, self.querylog
-        count, write, observe, log_query = observer.count, querylog.write, observer.query, querylog.log
+        count_many, write_many, observe, log_query = (observer.count_many, querylog.write_many,
+                                                      observer.query, querylog.log)
+        signature, middle, client_field = observer.signature, querylog.middle, querylog.client
         acquire, release = self.lock.acquire, self.lock.release
         loop, handoff = self._loop, self._udp_handoff
         answers_max = self.config.cache.answers
+        fields: dict[str, str] = {}     # client address -> its query-log field
         while True:
             try:
-                data, addr = recvfrom(65535)
+                batch = receive()
             except OSError:
                 if self._halt:
                     return
                 continue                # e.g. ICMP port unreachable reported on the socket
-            if addr is None:            # shutdown() woke the thread: the server is stopping
+            if batch is None or self._halt:     # shutdown() woke the thread: the server is stopping
                 return
             started = perf()
             now = clock()
+            replies, sigs, tails, others = [], [], [], []
+            hits = 0
             acquire()
             try:
-                if ratelimit is not None and self._rate_limited(sock, data, addr, now):
-                    continue
-                policy = self.policy    # read once: this query uses this snapshot to the end
-                client = addr[0]
-                table = policy.answer_tables.get(client)
-                if table is not None:
-                    ready = table.get(data[2:])
-                    if ready is not None and ready[1] > now:
-                        try:
-                            sendto(data[:2] + ready[0], nowait, addr)
-                        except OSError:
-                            pass        # the client is gone or the buffer is full: nothing to do
-                        duration = perf() - started
-                        count(ready[2], duration)
-                        write(now, client, ready[3], duration)
-                        if ready[4]:
-                            cache.hits += 1
-                            cache.requests += 1
+                policy = self.policy    # read once: this batch uses this snapshot to the end
+                tables = policy.answer_tables
+                for data, client, ref in batch:
+                    if ratelimit is not None and self._rate_limited(io, data, client, ref, now):
                         continue
-                try:
-                    step = begin(data, client, policy, ctx, now)
-                except Exception:       # a bug must cost one answer, never the server
-                    log.exception("query from %s failed", client)
-                    observer.dropped("internal")
-                    continue
-                if step.__class__ is forward_type:
-                    if self._udp_pending >= MAX_INFLIGHT:
-                        observer.dropped("overload")
+                    field = fields.get(client)
+                    if field is None:
+                        if len(fields) >= 65536:
+                            fields.clear()
+                        field = fields[client] = client_field(client)
+                    table = tables.get(client)
+                    if table is not None:
+                        ready = table.get(data[2:])
+                        if ready is not None and ready[1] > now:
+                            replies.append((data[:2] + ready[0], ref))
+                            sigs.append(ready[2])
+                            tails.append(field + ready[3])
+                            if ready[4]:
+                                hits += 1
+                            continue
+                    try:
+                        step = begin(data, client, policy, ctx, now)
+                    except Exception:   # a bug must cost one answer, never the server
+                        log.exception("query from %s failed", client)
+                        observer.dropped("internal")
                         continue
-                    self._udp_pending += 1
-                    loop.call_soon_threadsafe(handoff, sock, step, addr, policy, started, now)
-                    continue
-                reply, outcome = step
-                kept = False
-                if reply is not None:
+                    if step.__class__ is forward_type:
+                        if self._udp_pending >= MAX_INFLIGHT:
+                            observer.dropped("overload")
+                            continue
+                        self._udp_pending += 1
+                        loop.call_soon_threadsafe(handoff, sock, step, address(ref), policy, started, now)
+                        continue
+                    reply, outcome = step
+                    if reply is None:
+                        observe(outcome, perf() - started)
+                        if outcome.action == "dropped":
+                            observer.dropped("malformed")
+                        else:
+                            log_query(now, outcome, perf() - started)
+                        continue
                     if len(reply) > outcome.udp_limit:
                         reply = truncate(reply, outcome.udp_limit)
-                    try:
-                        sendto(reply, nowait, addr)
-                    except OSError:
-                        pass
+                    replies.append((reply, ref))
                     if outcome.reuse_until > now and answers_max:
-                        kept = True
-                        sig, middle = observer.signature(outcome), querylog.middle(outcome)
+                        # kept, then counted and logged from what was kept, as its reuses will be
+                        sig, tail = signature(outcome), middle(outcome)
                         policy.remember(client, outcome.group, data[2:],
-                                        (reply[2:], outcome.reuse_until, sig, middle, outcome.action == "cached"),
+                                        (reply[2:], outcome.reuse_until, sig, tail, outcome.action == "cached"),
                                         answers_max)
+                        sigs.append(sig)
+                        tails.append(field + tail)
+                    else:
+                        others.append(outcome)
+                send(replies)
                 duration = perf() - started
-                if kept:                # counted and logged from what was kept, as its reuses will be
-                    count(sig, duration)
-                    write(now, client, middle, duration)
-                    continue
-                observe(outcome, duration)
-                if outcome.action != "dropped":
+                count_many(sigs, duration)
+                write_many(now, duration, tails)
+                if hits:
+                    cache.hits += hits
+                    cache.requests += hits
+                for outcome in others:
+                    observe(outcome, duration)
                     log_query(now, outcome, duration)
-                else:
-                    observer.dropped("malformed")
             finally:
                 release()
 
-    def _rate_limited(self, sock, data: bytes, addr, now: float) -> bool:
+    def _rate_limited(self, io, data: bytes, client: str, ref, now: float) -> bool:
         """UDP only (a TCP client's address cannot be spoofed): True when this query is over the
         client's limit; it then gets an empty TC answer now and then (slip), else nothing."""
-        verdict = self.ratelimit.check(addr[0], now)
+        verdict = self.ratelimit.check(client, now)
         if verdict == PASS:
             return False
         self.observer.dropped("ratelimit")
         if verdict == SLIP and (reply := slip_answer(data)) is not None:
-            self._sendto(sock, reply, addr)
+            io.send([(reply, ref)])
         return True
 
     def _udp_handoff(self, sock, fwd, addr, policy, started, now) -> None:

@@ -1,5 +1,5 @@
 """The UDP socket's thread (server._udp_serve) in-process: a bug that escapes the hot loop costs the
-packet in hand and is logged and counted, never the socket; /healthz's `serving` says whether
+batch in hand (at worst its counting) and is logged and counted, never the socket; /healthz's `serving` says whether
 every UDP thread is alive."""
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 
 class Flaky(Quiet):
-    """An observer whose count() (answers kept for reuse and their reuses) fails `failures` times."""
+    """An observer whose count_many() (a batch's answers kept for reuse and their reuses) fails
+    `failures` times."""
 
     def __init__(self, failures: int):
         self.failures = failures
@@ -30,7 +31,7 @@ class Flaky(Quiet):
     def signature(self, outcome):
         return (outcome.group, outcome.action)
 
-    def count(self, signature, duration):
+    def count_many(self, signatures, duration):
         if self.failures > 0:
             self.failures -= 1
             raise RuntimeError("a bug in the metrics")
@@ -41,7 +42,7 @@ class Flaky(Quiet):
             self.changed.notify_all()
 
     def wait_drops(self, count: int, timeout: float = 5.0) -> list[str]:
-        """The drops once `count` are in (the answer goes out before count() fails)."""
+        """The drops once `count` are in (the answer goes out before count_many() fails)."""
         with self.changed:
             self.changed.wait_for(lambda: len(self.drops) >= count, timeout)
             return list(self.drops)
@@ -98,7 +99,7 @@ def test_a_bug_in_the_hot_loop_costs_one_packet_not_the_socket(tmp_path, caplog)
     running = Running(blocklists, observer).__enter__()
     server, address = running.server, running.address
     try:
-        for _ in range(2):                         # kept, then reused: the answer goes out, then count() fails
+        for _ in range(2):                         # kept, then reused: the answer goes out, then count_many() fails
             assert ask(address, "www.chat.test", source="127.0.1.5").rcode() == 3
         assert observer.wait_drops(2) == ["internal", "internal"]
         assert "UDP loop on" in caplog.text

@@ -1,0 +1,185 @@
+"""How a UDP socket's thread takes datagrams in and sends answers out, a batch at a time.
+
+BatchIO uses Linux's recvmmsg(2) and sendmmsg(2), which Python's socket module does not offer, by
+way of ctypes and the C library: one system call takes in every datagram waiting (up to `size`)
+and one sends every answer of the batch, so the per-packet cost of a system call and of Python's
+socket wrapper is paid once per batch. PlainIO is recvfrom/sendto, one datagram per batch: for
+systems without recvmmsg, and for `udp: {batch: 1}` in sinkhole.yaml.
+
+Both offer the same three calls to the server's loop:
+  receive()       -> [(data, client, ref)], or None once the socket is shut down; raises OSError
+  send(replies)   replies: [(answer bytes, ref)]; failures are dropped datagrams, never errors
+  address(ref)    -> the sender's address tuple, as socket.recvfrom would give it
+`client` is the sender's address as a string; `ref` says where its answer goes, good until the
+next receive().
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import sys
+
+SLOT = 4096                     # bytes per datagram in the buffers: a longer query is not DNS we answer
+NAMELEN = 28                    # sizeof(struct sockaddr_in6), which holds a sockaddr_in too
+_NAME_STRIDE = 32
+_MSG_TRUNC = 0x20
+_MSG_DONTWAIT = 0x40
+_MSG_WAITFORONE = 0x10000
+_CLIENTS_MAX = 65536            # sender addresses remembered as strings
+
+
+def _libc():
+    """The C library's recvmmsg and sendmmsg, or None where they are missing."""
+    if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None             # the struct layout below is the 64-bit Linux one
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        recv, send = libc.recvmmsg, libc.sendmmsg
+    except (OSError, AttributeError):
+        return None
+    recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+    recv.restype = ctypes.c_int
+    send.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    send.restype = ctypes.c_int
+    return recv, send
+
+
+_MMSG = _libc()
+
+
+def udp_io(sock: socket.socket, size: int):
+    """BatchIO for `size` > 1 where the system has recvmmsg, else PlainIO."""
+    if size > 1 and _MMSG is not None:
+        return BatchIO(sock, size)
+    return PlainIO(sock)
+
+
+class PlainIO:
+    """recvfrom and sendto: a batch of one."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def receive(self):
+        data, addr = self.sock.recvfrom(65535)
+        if addr is None:                # shutdown() woke the thread
+            return None
+        return [(data, addr[0], addr)]
+
+    def send(self, replies) -> None:
+        sendto = self.sock.sendto
+        for reply, addr in replies:
+            try:
+                sendto(reply, _MSG_DONTWAIT, addr)
+            except OSError:
+                pass                    # the client is gone or the buffer is full: nothing to do
+
+    @staticmethod
+    def address(ref):
+        return ref
+
+
+class BatchIO:
+    """recvmmsg and sendmmsg over buffers made once. struct mmsghdr is 64 bytes on 64-bit Linux:
+    msg_name (8), msg_namelen (4, padded to 8), msg_iov (8), msg_iovlen (8), msg_control (8),
+    msg_controllen (8), msg_flags (4), then msg_len (4); struct iovec is base (8) and length (8).
+    They are kept as arrays of 64-bit words and read and written through memoryviews."""
+
+    def __init__(self, sock: socket.socket, size: int):
+        self.sock, self.size = sock, size
+        self.family = sock.family
+        self._recv, self._send = _MMSG
+        self._fd = sock.fileno()
+        self._rbuf = ctypes.create_string_buffer(size * SLOT)
+        self._sbuf = ctypes.create_string_buffer(size * SLOT)
+        self._names = ctypes.create_string_buffer(size * _NAME_STRIDE)
+        self._riov = (ctypes.c_uint64 * (2 * size))()
+        self._siov = (ctypes.c_uint64 * (2 * size))()
+        self._rmsg = (ctypes.c_uint64 * (8 * size))()
+        self._smsg = (ctypes.c_uint64 * (8 * size))()
+        rbuf, sbuf = ctypes.addressof(self._rbuf), ctypes.addressof(self._sbuf)
+        names, riov, siov = ctypes.addressof(self._names), ctypes.addressof(self._riov), ctypes.addressof(self._siov)
+        for i in range(size):
+            self._riov[2 * i], self._riov[2 * i + 1] = rbuf + i * SLOT, SLOT
+            self._siov[2 * i] = sbuf + i * SLOT
+            for msgs, iov in ((self._rmsg, riov), (self._smsg, siov)):
+                msgs[8 * i] = names + _NAME_STRIDE * i      # the sender's address, and so the reply's
+                msgs[8 * i + 1] = NAMELEN
+                msgs[8 * i + 2] = iov + 16 * i
+                msgs[8 * i + 3] = 1
+        self._names_at = names
+        self._rmsg_at, self._smsg_at = ctypes.addressof(self._rmsg), ctypes.addressof(self._smsg)
+        self._rdata = memoryview(self._rbuf).cast("B")
+        self._sdata = memoryview(self._sbuf).cast("B")
+        self._name_bytes = memoryview(self._names).cast("B")
+        self._rwords = memoryview(self._rmsg).cast("B").cast("I")      # 32-bit view: lengths, flags
+        self._swords = memoryview(self._smsg).cast("B").cast("Q")
+        self._slens = memoryview(self._siov).cast("B").cast("Q")
+        # where the address sits in a sockaddr: sin_addr at 4 (4 bytes), sin6_addr at 8 (16 bytes)
+        self._addr_at, self._addr_len = (4, 4) if self.family == socket.AF_INET else (8, 16)
+        self._clients: dict[bytes, str] = {}
+
+    def receive(self):
+        n = self._recv(self._fd, self._rmsg_at, self.size, _MSG_WAITFORONE, None)
+        if n < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        if n == 0:
+            return None
+        words, data, names, clients = self._rwords, self._rdata, self._name_bytes, self._clients
+        at, length = self._addr_at, self._addr_len
+        out = []
+        for i in range(n):
+            w = 16 * i
+            if words[w + 2] == 0:       # no sender: a shut-down socket reports empty "datagrams"
+                words[w + 2] = NAMELEN
+                return out or None
+            if words[w + 12] & _MSG_TRUNC:
+                continue                # longer than SLOT: no DNS query we answer
+            base = _NAME_STRIDE * i + at
+            raw = bytes(names[base:base + length])
+            client = clients.get(raw)
+            if client is None:
+                client = self._client(raw)
+            out.append((bytes(data[SLOT * i:SLOT * i + words[w + 14]]), client, i))
+        return out
+
+    def _client(self, raw: bytes) -> str:
+        clients = self._clients
+        if len(clients) >= _CLIENTS_MAX:
+            clients.clear()
+        client = clients[raw] = socket.inet_ntop(self.family, raw)
+        return client
+
+    def address(self, ref: int):
+        """The sender of datagram `ref` of the last batch, as recvfrom would give it."""
+        base = _NAME_STRIDE * ref
+        raw = bytes(self._name_bytes[base:base + NAMELEN])
+        port = int.from_bytes(raw[2:4], "big")
+        if self.family == socket.AF_INET:
+            return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+        return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port,
+                int.from_bytes(raw[4:8], "big"), int.from_bytes(raw[24:28], sys.byteorder))
+
+    def send(self, replies) -> None:
+        data, lens, words, names = self._sdata, self._slens, self._swords, self._names_at
+        k = 0
+        for reply, ref in replies:
+            size = len(reply)
+            if size > SLOT:             # a large EDNS answer: on its own
+                try:
+                    self.sock.sendto(reply, _MSG_DONTWAIT, self.address(ref))
+                except OSError:
+                    pass
+                continue
+            start = SLOT * k
+            data[start:start + size] = reply
+            lens[2 * k + 1] = size
+            words[8 * k] = names + _NAME_STRIDE * ref
+            k += 1
+        done, tries = 0, 0
+        while done < k and tries < k:   # a datagram that cannot go (EAGAIN, EPERM) is skipped
+            tries += 1
+            sent = self._send(self._fd, self._smsg_at + 64 * done, k - done, _MSG_DONTWAIT)
+            done += sent if sent > 0 else 1
