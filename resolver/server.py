@@ -233,7 +233,7 @@ class Server:
             started = perf()
             now = clock()
             replies, sigs, tails, others = [], [], [], []
-            hits = 0
+            hits, last, field = 0, None, ""
             acquire()
             try:
                 policy = self.policy    # read once: this batch uses this snapshot to the end
@@ -241,11 +241,12 @@ class Server:
                 for data, client, ref in batch:
                     if ratelimit is not None and self._rate_limited(io, data, client, ref, now):
                         continue
-                    field = fields.get(client)
-                    if field is None:
-                        if len(fields) >= 65536:
-                            fields.clear()
-                        field = fields[client] = client_field(client)
+                    if client is not last:      # udpio hands out one string per address
+                        last, field = client, fields.get(client)
+                        if field is None:
+                            if len(fields) >= 65536:
+                                fields.clear()
+                            field = fields[client] = client_field(client)
                     table = tables.get(client)
                     if table is not None:
                         ready = table.get(data[2:])

@@ -116,9 +116,11 @@ class BatchIO:
         self._rwords = memoryview(self._rmsg).cast("B").cast("I")      # 32-bit view: lengths, flags
         self._swords = memoryview(self._smsg).cast("B").cast("Q")
         self._slens = memoryview(self._siov).cast("B").cast("Q")
-        # where the address sits in a sockaddr: sin_addr at 4 (4 bytes), sin6_addr at 8 (16 bytes)
-        self._addr_at, self._addr_len = (4, 4) if self.family == socket.AF_INET else (8, 16)
-        self._clients: dict[bytes, str] = {}
+        # the sender's address read as numbers, no bytes made: sin_addr is the 32-bit word at byte 4
+        # of a sockaddr_in, sin6_addr the two 64-bit words at byte 8 of a sockaddr_in6
+        self._v4 = self.family == socket.AF_INET
+        self._name_words = memoryview(self._names).cast("B").cast("I" if self._v4 else "Q")
+        self._clients: dict[int, str] = {}
 
     def receive(self):
         n = self._recv(self._fd, self._rmsg_at, self.size, _MSG_WAITFORONE, None)
@@ -127,8 +129,7 @@ class BatchIO:
             raise OSError(err, os.strerror(err))
         if n == 0:
             return None
-        words, data, names, clients = self._rwords, self._rdata, self._name_bytes, self._clients
-        at, length = self._addr_at, self._addr_len
+        words, data, names, clients, v4 = self._rwords, self._rdata, self._name_words, self._clients, self._v4
         out = []
         for i in range(n):
             w = 16 * i
@@ -137,19 +138,22 @@ class BatchIO:
                 return out or None
             if words[w + 12] & _MSG_TRUNC:
                 continue                # longer than SLOT: no DNS query we answer
-            base = _NAME_STRIDE * i + at
-            raw = bytes(names[base:base + length])
-            client = clients.get(raw)
+            key = names[8 * i + 1] if v4 else (names[4 * i + 1] << 64) | names[4 * i + 2]
+            client = clients.get(key)
             if client is None:
-                client = self._client(raw)
+                client = self._client(key)
             out.append((bytes(data[SLOT * i:SLOT * i + words[w + 14]]), client, i))
         return out
 
-    def _client(self, raw: bytes) -> str:
+    def _client(self, key: int) -> str:
         clients = self._clients
         if len(clients) >= _CLIENTS_MAX:
             clients.clear()
-        client = clients[raw] = socket.inet_ntop(self.family, raw)
+        if self._v4:
+            raw = key.to_bytes(4, sys.byteorder)
+        else:
+            raw = (key >> 64).to_bytes(8, sys.byteorder) + (key & (1 << 64) - 1).to_bytes(8, sys.byteorder)
+        client = clients[key] = socket.inet_ntop(self.family, raw)
         return client
 
     def address(self, ref: int):

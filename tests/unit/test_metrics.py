@@ -272,3 +272,27 @@ def test_endpoint_port_in_use_is_an_error():
             serve_metrics(registry, "127.0.0.1", first.port)
     finally:
         first.close()
+
+
+def test_a_batch_counts_as_its_queries_one_by_one(tmp_path):
+    """count_many (a UDP batch: one duration for all) leaves every series where count() per
+    answer would, the duration histogram included."""
+    directory = _policy_dir(tmp_path)
+    config = Config(blocklists=str(directory), upstreams=(("127.0.0.1", 5300),))
+    one, many = (PrometheusObserver(None, CollectorRegistry(), clock=lambda: NOW) for _ in range(2))
+    for observer in (one, many):                 # each bound to a server of its own, no query asked
+        Server(config, load_policy(directory, NOW), observer, clock=lambda: NOW)
+    source = Server(config, load_policy(directory, NOW), None, clock=lambda: NOW)
+    quiet = PrometheusObserver(None, CollectorRegistry())
+    outcomes = [ask(source, quiet, name, client, rdtype) for name, client, rdtype in (
+        ("www.chat.test", "127.0.1.5", "A"), ("www.chat.test", "127.0.1.5", "AAAA"), ("x.test", "127.0.1.5", "ANY"),
+        ("www.chat.test", "192.0.2.1", "A"), ("", "127.0.1.5", "A"))]
+    for o in outcomes:
+        one.count(one.signature(o), 0.0031)
+    many.count_many([many.signature(o) for o in outcomes], 0.0031)
+    many.count_many([], 0.0031)
+    series = lambda observer: sorted((s.name, tuple(sorted(s.labels.items())), s.value)
+                                     for family in observer.registry.collect() for s in family.samples
+                                     if not s.name.startswith(("sinkhole_build", "python_", "process_")))
+    assert series(many) == series(one)
+    assert value(many, "sinkhole_dns_responses_total", group="desktop", action="blocked", rcode="NXDOMAIN") == 2

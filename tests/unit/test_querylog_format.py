@@ -30,3 +30,28 @@ def test_line_is_valid_json_with_every_field(client, group, qname, service, rule
     stamp = datetime.datetime.fromisoformat(got["time"])
     assert abs(stamp.timestamp() - when) < 0.001 + 1e-6 * when / 1e6
     assert got["qtype"] and got["rcode"]
+
+
+def test_a_batch_writes_the_lines_log_would(tmp_path):
+    """write_many (the UDP batch: one time, one duration, tails of client + middle) writes byte
+    for byte the lines log() writes for the same answers."""
+    outcomes = [Outcome("blocked", "desktop", "web.whatsapp.com", 1, 3, "whatsapp", "s/w.yaml:4", None, "10.1.2.3"),
+                Outcome("cached", "mobile", 'we"ird\\name\u00e9', 28, 0, None, None, "EX-1", "2001:db8::7"),
+                Outcome("refused", None, "x.test", 65, 5, None, None, None, "192.0.2.9")]
+    when, duration = 1_700_000_000.123456, 0.0000417
+    one, many = QueryLog(str(tmp_path / "one.jsonl")), QueryLog(str(tmp_path / "many.jsonl"))
+    for log in (one, many):
+        log.start()
+    with one.lock:
+        for o in outcomes:
+            one.log(when, o, duration)
+    with many.lock:
+        many.write_many(when, duration, [QueryLog.client(o.client) + QueryLog.middle(o) for o in outcomes])
+        many.write_many(when, duration, [])
+    for log in (one, many):
+        assert log.flush()
+        log.close()
+    lines = (tmp_path / "one.jsonl").read_bytes()
+    assert lines.count(b"\n") == 3 and [json.loads(l)["qname"] for l in lines.splitlines()] == \
+        [o.qname for o in outcomes]
+    assert (tmp_path / "many.jsonl").read_bytes() == lines
