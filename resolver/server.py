@@ -1,8 +1,9 @@
 """The I/O shell: sockets, the upstream task, policy reloads, signals. Decisions live in core.py.
 
-UDP is read by one thread per socket with a blocking recvfrom (no event loop per packet); only
-queries that need the upstream go to the event loop, as tasks. TCP follows RFC 7766:
-length-prefixed messages, several per connection, answered as they complete.
+UDP is read by one thread per socket, a batch at a time: every datagram waiting, taken in with one
+blocking recvmmsg and answered with one sendmmsg (udpio.py; recvfrom/sendto with `udp: {batch: 1}`),
+no event loop in between; only queries that need the upstream go to the event loop, as tasks. TCP
+follows RFC 7766: length-prefixed messages, several per connection, answered as they complete.
 """
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ class Server:
         self._halt = True
         for udp in self._udp:
             try:
-                udp.shutdown(socket.SHUT_RD)        # wakes the thread blocked in recvfrom; sending works on
+                udp.shutdown(socket.SHUT_RD)        # wakes the thread blocked in receive(); sending works on
             except OSError:
                 pass                                # ENOTCONN: unconnected UDP, woken all the same
         for thread in self._udp_threads:
@@ -189,8 +190,8 @@ class Server:
     # -- UDP -----------------------------------------------------------------------------------
     def _udp_serve(self, sock: socket.socket) -> None:
         """The body of a UDP socket's thread: its loop, started again if a bug ever escapes it (that
-        costs the packet in hand, never the socket). Each turn needs a packet, so a bug that fails
-        every packet logs once per packet, and nothing spins."""
+        costs the batch in hand, never the socket). Each turn needs a datagram, so a bug that fails
+        every batch logs once per batch, and nothing spins."""
         while True:
             try:
                 self._udp_loop(sock)

@@ -69,6 +69,17 @@ def free_port(kind=socket.SOCK_DGRAM, host="127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def settled(host: str = "127.0.0.1", timeout: float = 5.0) -> None:
+    """Return once every datagram this thread sent over loopback is in its receiver's queue.
+    Loopback hands a datagram on before sendto returns, or else to this CPU's backlog, in order:
+    one more sent to a socket of our own and read back comes after all of them."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((host, 0))
+        probe.settimeout(timeout)
+        probe.sendto(b"settled?", probe.getsockname())
+        assert probe.recv(16) == b"settled?"
+
+
 def wait_for_answer(host: str, port: int, name: str = "probe.test", deadline: float = 10.0) -> None:
     """Wait until a DNS server answers on host:port (any rcode), at most `deadline` seconds."""
     end = time.monotonic() + deadline

@@ -1,22 +1,33 @@
-"""The UDP socket's thread (server._udp_serve) in-process: a bug that escapes the hot loop costs the
-batch in hand (at worst its counting) and is logged and counted, never the socket; /healthz's `serving` says whether
-every UDP thread is alive."""
+"""The UDP socket's thread (server._udp_serve) in-process, reading a batch at a time (udpio's
+recvmmsg) and one datagram at a time (`udp: {batch: 1}`): a burst from several clients, blocked and
+allowed names mixed, gets one answer per query to the client that asked, with its own ID, and one
+query-log line each; a bug that escapes the hot loop costs the batch in hand (at worst its counting)
+and is logged and counted, never the socket; /healthz's `serving` says whether every UDP thread is
+alive."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 import time
+from collections import Counter
 
+import dns.message
+import dns.rcode
 import pytest
 
-from helpers import TEST_POLICY, TEST_SERVICES, ask, write_blocklists
+from helpers import TEST_POLICY, TEST_SERVICES, Dnsmasq, ask, have, settled, write_blocklists
 from resolver import core
-from resolver.config import CacheConfig, Config
+from resolver import server as server_module
+from resolver.config import CacheConfig, Config, QueryLogConfig, UdpConfig
 from resolver.loader import load_policy
 from resolver.observe import Quiet
 from resolver.server import Server
 
 pytestmark = pytest.mark.integration
+
+BATCHES = [pytest.param(64, id="batch-64"), pytest.param(1, id="batch-1")]
 
 
 class Flaky(Quiet):
@@ -52,8 +63,8 @@ class Running:
     """A Server on its own event loop thread, for the length of a `with`."""
 
     def __init__(self, blocklists, observer, **config):
-        self.config = Config(listen=(("127.0.0.1", 0),), upstreams=(("127.0.0.1", 9),),
-                             blocklists=str(blocklists), reload_interval=0, **config)
+        self.config = Config(**{"listen": (("127.0.0.1", 0),), "upstreams": (("127.0.0.1", 9),),
+                                "blocklists": str(blocklists), "reload_interval": 0, **config})
         self.observer = observer
 
     def run(self, coro, timeout=15):
@@ -77,26 +88,28 @@ class Running:
         self.runner.join(5)
 
 
-def test_no_reuse_when_cache_answers_is_0(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch", BATCHES)
+def test_no_reuse_when_cache_answers_is_0(tmp_path, monkeypatch, batch):
     blocklists = write_blocklists(tmp_path / "bl", TEST_POLICY, TEST_SERVICES)
     decided = []                                   # core.begin runs: each query decided afresh
     begin = core.begin
     monkeypatch.setattr(core, "begin", lambda *args: decided.append(1) or begin(*args))
-    with Running(blocklists, Quiet(), cache=CacheConfig(answers=0)) as r:
+    with Running(blocklists, Quiet(), cache=CacheConfig(answers=0), udp=UdpConfig(batch)) as r:
         for _ in range(3):
             assert ask(r.address, "www.chat.test", source="127.0.1.5").rcode() == 3
         assert len(decided) == 3 and r.server.policy.answer_tables == {}
     decided.clear()
-    with Running(blocklists, Quiet()) as r:
+    with Running(blocklists, Quiet(), udp=UdpConfig(batch)) as r:
         for _ in range(3):
             assert ask(r.address, "www.chat.test", source="127.0.1.5").rcode() == 3
         assert len(decided) == 1 and r.server.policy.answer_tables
 
 
-def test_a_bug_in_the_hot_loop_costs_one_packet_not_the_socket(tmp_path, caplog):
+@pytest.mark.parametrize("batch", BATCHES)
+def test_a_bug_in_the_hot_loop_costs_one_packet_not_the_socket(tmp_path, caplog, batch):
     blocklists = write_blocklists(tmp_path / "bl", TEST_POLICY, TEST_SERVICES)
     observer = Flaky(failures=2)
-    running = Running(blocklists, observer).__enter__()
+    running = Running(blocklists, observer, udp=UdpConfig(batch)).__enter__()
     server, address = running.server, running.address
     try:
         for _ in range(2):                         # kept, then reused: the answer goes out, then count_many() fails
@@ -108,3 +121,89 @@ def test_a_bug_in_the_hot_loop_costs_one_packet_not_the_socket(tmp_path, caplog)
     finally:
         running.__exit__(None, None, None)
     assert not server.serving and not any(t.is_alive() for t in server._udp_threads)
+
+
+class Counted:
+    """The server's udpio object, recording how many datagrams each receive() gave."""
+
+    def __init__(self, io, sizes: list[int]):
+        self.io, self.sizes = io, sizes
+        self.send, self.address = io.send, io.address
+
+    def receive(self):
+        batch = self.io.receive()
+        if batch is not None:
+            self.sizes.append(len(batch))
+        return batch
+
+
+RECORDS = ["--host-record=www.chat.test,192.0.2.10", "--host-record=plain.test,192.0.2.11",
+           "--host-record=help.chat.test,192.0.2.13"]
+ADDRESSES = {"www.chat.test": "192.0.2.10", "plain.test": "192.0.2.11", "help.chat.test": "192.0.2.13"}
+# per client: (name, blocked?); plain.test is in the cache before the burst, the others are not
+DESKTOP_NAMES = [("www.chat.test", True), ("plain.test", False), ("file-a1.files.test", True),
+                 ("help.chat.test", False), ("www.chat.test", True)]
+MOBILE_NAMES = [("www.chat.test", False), ("plain.test", False), ("plain.test", False)]
+
+
+@pytest.mark.skipif(not have("dnsmasq"), reason="needs dnsmasq (Debian dnsmasq-base)")
+@pytest.mark.parametrize("batch", BATCHES)
+def test_a_burst_from_several_clients_gets_one_answer_and_one_log_line_per_query(tmp_path, blocklists,
+                                                                                  monkeypatch, batch):
+    sizes: list[int] = []
+    udp_io = server_module.udp_io
+    monkeypatch.setattr(server_module, "udp_io", lambda sock, size: Counted(udp_io(sock, size), sizes))
+    log_path = tmp_path / "query.log"
+    plan = [(f"127.0.1.{n}", DESKTOP_NAMES) for n in range(10, 14)] + \
+           [(f"127.0.2.{n}", MOBILE_NAMES) for n in range(10, 14)]
+    clients, sent = [], {}                          # sent: (source, query ID) -> (name, blocked?)
+    with Dnsmasq(RECORDS) as upstream, \
+         Running(blocklists, Quiet(), upstreams=((upstream.host, upstream.port),),
+                 query_log=QueryLogConfig(str(log_path)), udp=UdpConfig(batch)) as r:
+        assert ask(r.address, "plain.test", source="127.0.2.99").rcode() == 0
+        before = len(sizes)
+        try:
+            qid = 100
+            with r.server.lock:                     # the UDP thread may take some in, but answers none yet
+                for source, names in plan:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    clients.append(s)
+                    s.bind((source, 0))
+                    s.settimeout(5)
+                    for name, blocked in names:
+                        qid += 1
+                        s.sendto(dns.message.make_query(name, "A", id=qid, use_edns=False).to_wire(), r.address)
+                        sent[source, qid] = (name, blocked)
+                settled()
+            for s in clients:
+                source = s.getsockname()[0]
+                mine = {q: v for (src, q), v in sent.items() if src == source}
+                for _ in range(len(mine)):
+                    reply = dns.message.from_wire(s.recv(65535))
+                    name, blocked = mine.pop(reply.id)      # a reply for another client, or twice: KeyError
+                    assert reply.question[0].name.to_text(omit_final_dot=True) == name
+                    if blocked:
+                        assert reply.rcode() == dns.rcode.NXDOMAIN and not reply.answer, (source, name)
+                    else:
+                        assert reply.rcode() == dns.rcode.NOERROR, (source, name)
+                        assert [a.address for a in reply.answer[0]] == [ADDRESSES[name]]
+            assert r.server.querylog.flush()
+        finally:
+            for s in clients:
+                s.close()
+    burst = sizes[before:]
+    assert sum(burst) == len(sent)
+    if batch == 1:
+        assert set(burst) == {1}
+    else:                                           # at most one receive before the lock was let go
+        assert len(burst) <= 2, burst
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    lines = [line for line in lines if line["client"] != "127.0.2.99"]
+    assert Counter((line["client"], line["qname"]) for line in lines) == \
+        Counter((source, name) for (source, _), (name, _) in sent.items())
+    blocked = {name for name, is_blocked in DESKTOP_NAMES if is_blocked}
+    for line in lines:
+        if line["client"].startswith("127.0.1.") and line["qname"] in blocked:
+            assert (line["decision"], line["rcode"], line["group"]) == ("blocked", "NXDOMAIN", "desktop")
+        else:
+            assert line["decision"] in ("cached", "forwarded") and line["rcode"] == "NOERROR", line

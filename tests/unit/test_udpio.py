@@ -1,0 +1,214 @@
+"""resolver/udpio.py on real loopback sockets, IPv4 and IPv6: BatchIO (recvmmsg/sendmmsg) and
+PlainIO (recvfrom/sendto) give each datagram with its sender, send each answer to the client it is
+for, take an empty datagram as data, and give None once the socket is shut down; BatchIO takes
+every datagram waiting in one call and skips one longer than a slot.
+
+Every receiving socket has SO_RCVTIMEO set, so a datagram that never comes fails the test (OSError
+from receive()) instead of hanging it."""
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import threading
+import time
+
+import pytest
+
+from helpers import settled
+from resolver import udpio
+from resolver.udpio import SLOT, BatchIO, PlainIO, udp_io
+
+WAIT = 5                                            # seconds before a missing datagram fails a test
+
+
+def _have_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+FAMILIES = [pytest.param("127.0.0.1", id="ipv4"),
+            pytest.param("::1", id="ipv6", marks=pytest.mark.skipif(not _have_ipv6_loopback(),
+                                                                    reason="no IPv6 loopback (::1) here"))]
+needs_mmsg = pytest.mark.skipif(udpio._MMSG is None, reason="recvmmsg/sendmmsg need 64-bit Linux")
+KINDS = [pytest.param("batch", marks=needs_mmsg), "plain"]
+
+
+def udp(host: str) -> socket.socket:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", WAIT, 0))
+    return s
+
+
+@pytest.fixture(params=FAMILIES)
+def host(request):
+    return request.param
+
+
+@pytest.fixture
+def sockets(host):
+    """Sockets made by a test, closed after it."""
+    made: list[socket.socket] = []
+
+    def make() -> socket.socket:
+        made.append(udp(host))
+        return made[-1]
+    yield make
+    for s in made:
+        s.close()
+
+
+def make_io(kind: str, sock: socket.socket):
+    return BatchIO(sock, 16) if kind == "batch" else PlainIO(sock)
+
+
+def receive_all(io, count: int) -> list[list]:
+    """receive() until `count` datagrams are in (bounded): the batches, each entry as
+    (data, client, ref, address(ref)) since a BatchIO ref holds only until the next receive()."""
+    batches, got = [], 0
+    for _ in range(count):
+        batch = io.receive()
+        assert batch is not None, "receive() gave None on an open socket"
+        batches.append([(data, client, ref, io.address(ref)) for data, client, ref in batch])
+        got += len(batch)
+        if got >= count:
+            break
+    assert got == count
+    return batches
+
+
+def nothing_more(*clients: socket.socket) -> None:
+    """Nothing else is waiting for these clients (loopback delivers before sendto returns)."""
+    for c in clients:
+        with pytest.raises(BlockingIOError):
+            c.recv(65535, socket.MSG_DONTWAIT)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_receive_gives_each_datagram_with_its_sender(kind, host, sockets):
+    server = sockets()
+    io = make_io(kind, server)
+    clients = [sockets() for _ in range(3)]
+    sent = {}                                       # datagram -> the client socket that sent it
+    for round_ in range(2):
+        for n, c in enumerate(clients):
+            data = b"" if (n, round_) == (1, 0) else b"query %d from %d" % (round_, n)
+            c.sendto(data, server.getsockname())
+            sent[data] = c
+    settled(host)
+    batches = receive_all(io, len(sent))
+    if kind == "batch":
+        assert len(batches) == 1, "every datagram waiting comes in one recvmmsg"
+    else:
+        assert [len(b) for b in batches] == [1] * len(sent)
+    got = [entry for batch in batches for entry in batch]
+    assert sorted(data for data, *_ in got) == sorted(sent)
+    for data, client, ref, address in got:
+        name = sent[data].getsockname()
+        assert client == host
+        assert address[:2] == name[:2], f"address({ref!r}) of {data!r}"
+        assert len(address) == len(name)            # as recvfrom gives it: 2-tuple, or 4 for IPv6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_empty_datagram_is_data_not_the_end(kind, host, sockets):
+    server = sockets()
+    io = make_io(kind, server)
+    client = sockets()
+    client.sendto(b"", server.getsockname())
+    [[(data, who, ref, address)]] = receive_all(io, 1)
+    assert (data, who, address[:2]) == (b"", host, client.getsockname()[:2])
+    io.send([(b"still here", ref)])
+    assert client.recv(64) == b"still here"
+    client.sendto(b"next", server.getsockname())
+    assert [entry[0] for entry in io.receive()] == [b"next"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_send_takes_each_answer_to_its_client(kind, host, sockets):
+    server = sockets()
+    io = make_io(kind, server)
+    clients = [sockets() for _ in range(3)]
+    for n, c in enumerate(clients):
+        c.sendto(b"q%d" % n, server.getsockname())
+    clients[0].sendto(b"q0 again", server.getsockname())
+    settled(host)
+    batches = receive_all(io, 4)
+    assert kind == "plain" or len(batches) == 1     # (a BatchIO ref holds until the next receive)
+    got = [entry for batch in batches for entry in batch]
+    big = bytes(range(256)) * (SLOT // 256 + 2)    # longer than a slot: sent on its own
+    answers = {b"q0": b"a0", b"q0 again": b"", b"q1": big, b"q2": b"x" * SLOT}
+    io.send([])                                     # nothing to send: nothing goes out
+    io.send([(answers[data], ref) for data, _, ref, _ in got])
+    assert sorted(clients[0].recv(65535) for _ in range(2)) == [b"", b"a0"]
+    assert clients[1].recv(65535) == big
+    assert clients[2].recv(65535) == b"x" * SLOT
+    nothing_more(*clients)
+
+
+@needs_mmsg
+def test_a_datagram_longer_than_a_slot_is_skipped(host, sockets):
+    server = sockets()
+    io = BatchIO(server, 16)
+    long, short = sockets(), sockets()
+    long.sendto(b"L" * (SLOT + 1), server.getsockname())
+    short.sendto(b"short", server.getsockname())
+    long.sendto(b"F" * SLOT, server.getsockname())  # a full slot is still whole
+    settled(host)
+    batch = io.receive()
+    assert [(data, client) for data, client, _ in batch] == [(b"short", host), (b"F" * SLOT, host)]
+    assert [io.address(ref)[:2] for _, _, ref in batch] == [short.getsockname()[:2], long.getsockname()[:2]]
+    io.send([(b"to short", batch[0][2]), (b"to long", batch[1][2])])
+    assert (short.recv(64), long.recv(64)) == (b"to short", b"to long")
+    nothing_more(short, long)
+
+
+def blocked_in(thread: threading.Thread, fd: int) -> bool | None:
+    """Whether the thread sits in a system call on `fd` (its first argument, as for recvfrom and
+    recvmmsg), from /proc; waits for it, at most WAIT seconds. None where /proc cannot say."""
+    path = f"/proc/self/task/{thread.native_id}/syscall"
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                fields = f.read().split()
+        except OSError:
+            return None
+        if len(fields) > 1 and fields[0] != "running" and int(fields[1], 16) == fd:
+            return True
+        time.sleep(0.001)                           # polling a state, bounded by the deadline
+    return False
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shutdown_wakes_a_blocked_receive_with_none(kind, host, sockets):
+    server = sockets()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))   # block for good
+    io = make_io(kind, server)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(io.receive()), daemon=True)
+    thread.start()
+    # a shutdown before receive() is reached gives None too; this makes sure the blocked case is the one tested
+    assert blocked_in(thread, server.fileno()) is not False, "receive() did not block"
+    try:
+        server.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass                                        # ENOTCONN: an unconnected UDP socket is woken all the same
+    thread.join(WAIT)
+    assert not thread.is_alive(), "receive() still blocked after shutdown"
+    assert results == [None]
+
+
+def test_udp_io_picks_plain_for_1_and_batch_where_linux_has_recvmmsg():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        assert type(udp_io(s, 1)) is PlainIO
+        if sys.platform.startswith("linux") and sys.maxsize > 2 ** 32:
+            io = udp_io(s, 64)
+            assert type(io) is BatchIO and io.size == 64
+        else:
+            assert type(udp_io(s, 64)) is PlainIO
