@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+BATCH = 64                       # datagrams per batch, as udp.batch's default
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
@@ -33,6 +34,7 @@ from resolver.cache import Cache  # noqa: E402
 from resolver.loader import load_policy  # noqa: E402
 from resolver.observe import Quiet  # noqa: E402
 from resolver.querylog import QueryLog  # noqa: E402
+from resolver.udpio import udp_io  # noqa: E402
 from resolver.wire import block_reply, build_reply, parse_query, parse_reply, truncate  # noqa: E402
 
 
@@ -112,6 +114,11 @@ def stages(names: int, iterations: int, seed: int) -> dict:
         def t(name, fn, items, path):
             rows[name] = {"ns": round(timeit(fn, items)), "path": path}
 
+        def t_batch(name, fn, items):
+            """A stage the server runs once per batch of BATCH answers: its cost per answer."""
+            rows[name] = {"ns": round(timeit(fn, items) / BATCH), "path": "both", "note": f"per answer, "
+                          f"batches of {BATCH}"}
+
         # the stages of core.begin, in its order
         t("classify (policy.classify, memoised)", lambda c: policy.classify(c), [desktop, mobile] * (k // 2), "both")
         t("parse_query", parse_query, bq, "both")
@@ -137,20 +144,36 @@ def stages(names: int, iterations: int, seed: int) -> dict:
         t("observer.query (" + type(observer).__name__ + ")", lambda o: observer.query(o, 1e-5), [outcome] * k,
           "both")
         sig, middle = observer.signature(outcome), qlog.middle(outcome)
-        t("observer.count, signature kept (reused answer)", lambda _: observer.count(sig, 1e-5), bq, "both")
         for d, (reply, out) in zip(bq, out_b):
             policy.remember(desktop, out.group, d[2:], (reply[2:], out.reuse_until, sig, middle, False))
         tables = policy.answer_tables
         t("reused answer: two dict lookups, ID spliced in",
           lambda d: d[:2] + tables.get(desktop).get(d[2:])[0], bq, "both")
-        t("querylog.log (fields kept, Outcome formatted)", lambda o: qlog.log(now, o, 1e-5), [outcome] * k, "both")
-        t("querylog.write (fields kept, reused answer)", lambda _: qlog.write(now, desktop, middle, 1e-5), bq, "both")
-        rows["querylog.write (fields kept, reused answer)"]["note"] = \
-            "includes rendering the line in C, CHUNK lines at a time (QueryLog.render)"
+        # per batch of BATCH answers (Server._udp_loop), shown per answer
+        field = QueryLog.client(desktop)
+        batches = [None] * max(1, k // BATCH)
+        t_batch("observer.count_many, one batch (reused answers)",
+                lambda _: observer.count_many([sig] * BATCH, 1e-5), batches)
+        t("querylog.log (one line, Outcome formatted)", lambda o: qlog.log(now, o, 1e-5), [outcome] * k, "both")
+        t_batch("querylog.write_many, one batch (reused answers)",
+                lambda _: qlog.write_many(now, 1e-5, [field + middle] * BATCH), batches)
+        rows[f"querylog.write_many, one batch (reused answers)"]["note"] = \
+            "includes joining CHUNK lines into a block for the writer (QueryLog.render)"
         t("querylog writer: write the line (writer thread)", lambda o: sink.write("x" * 200 + "\n"),
           [outcome] * k, "both")
         t("socket recvfrom + sendto, one loopback packet", lambda d: (sa.sendto(d, addr_b), sb.recvfrom(65535)),
           bq, "both")
+        io = udp_io(sb, BATCH)
+
+        def batch_io(_):
+            for d in bq[:BATCH]:
+                sa.sendto(d, addr_b)
+            got = io.receive()
+            io.send([(data, ref) for data, _, ref in got])
+            for _ in got:
+                sa.recv(65535)
+        t_batch(f"{type(io).__name__}: receive() + send(), one batch of loopback datagrams "
+                "(client side included)", batch_io, batches[:200])
         sa.close()
         sb.close()
         sink.close()

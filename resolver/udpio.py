@@ -136,12 +136,13 @@ class BatchIO:
             if words[w + 2] == 0:       # no sender: a shut-down socket reports empty "datagrams"
                 words[w + 2] = NAMELEN
                 return out or None
-            if words[w + 12] & _MSG_TRUNC:
-                continue                # longer than SLOT: no DNS query we answer
             key = names[8 * i + 1] if v4 else (names[4 * i + 1] << 64) | names[4 * i + 2]
             client = clients.get(key)
             if client is None:
                 client = self._client(key)
+            if words[w + 12] & _MSG_TRUNC:      # longer than SLOT: no DNS query we answer; as b""
+                out.append((b"", client, i))    # it is dropped and counted as malformed
+                continue
             out.append((bytes(data[SLOT * i:SLOT * i + words[w + 14]]), client, i))
         return out
 
