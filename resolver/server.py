@@ -234,7 +234,7 @@ class Server:
             started = perf()
             now = clock()
             replies, sigs, tails, others = [], [], [], []
-            hits, last, field = 0, None, ""
+            hits, last, field, table = 0, None, "", None
             acquire()
             try:
                 policy = self.policy    # read once: this batch uses this snapshot to the end
@@ -243,12 +243,11 @@ class Server:
                     if ratelimit is not None and self._rate_limited(io, data, client, ref, now):
                         continue
                     if client is not last:      # udpio hands out one string per address
-                        last, field = client, fields.get(client)
+                        last, field, table = client, fields.get(client), tables.get(client)
                         if field is None:
                             if len(fields) >= 65536:
                                 fields.clear()
                             field = fields[client] = client_field(client)
-                    table = tables.get(client)
                     if table is not None:
                         ready = table.get(data[2:])
                         if ready is not None and ready[1] > now:
@@ -258,6 +257,7 @@ class Server:
                             if ready[4]:
                                 hits += 1
                             continue
+                    last = None                 # what follows may give this client a table
                     try:
                         step = begin(data, client, policy, ctx, now)
                     except Exception:   # a bug must cost one answer, never the server
