@@ -121,6 +121,11 @@ class BatchIO:
         self._v4 = self.family == socket.AF_INET
         self._name_words = memoryview(self._names).cast("B").cast("I" if self._v4 else "Q")
         self._clients: dict[int, str] = {}
+        # per slot, made once: (index, its first 32-bit word, its buffer offset, where its address
+        # is among the name words: >= 0 an IPv4 word, < 0 minus the first of two IPv6 words)
+        self._rslots = [(i, 16 * i, SLOT * i, 8 * i + 1 if self._v4 else -(4 * i + 1)) for i in range(size)]
+        self._sslots = [(SLOT * k, 2 * k + 1, 8 * k) for k in range(size)]
+        self._name_at = [names + _NAME_STRIDE * i for i in range(size)]
 
     def receive(self):
         n = self._recv(self._fd, self._rmsg_at, self.size, _MSG_WAITFORONE, None)
@@ -129,21 +134,20 @@ class BatchIO:
             raise OSError(err, os.strerror(err))
         if n == 0:
             return None
-        words, data, names, clients, v4 = self._rwords, self._rdata, self._name_words, self._clients, self._v4
+        words, data, names, clients = self._rwords, self._rdata, self._name_words, self._clients
         out = []
-        for i in range(n):
-            w = 16 * i
+        for i, w, start, at in self._rslots[:n]:
             if words[w + 2] == 0:       # no sender: a shut-down socket reports empty "datagrams"
                 words[w + 2] = NAMELEN
                 return out or None
-            key = names[8 * i + 1] if v4 else (names[4 * i + 1] << 64) | names[4 * i + 2]
+            key = names[at] if at >= 0 else (names[-at] << 64) | names[1 - at]
             client = clients.get(key)
             if client is None:
                 client = self._client(key)
             if words[w + 12] & _MSG_TRUNC:      # longer than SLOT: no DNS query we answer; as b""
                 out.append((b"", client, i))    # it is dropped and counted as malformed
                 continue
-            out.append((bytes(data[SLOT * i:SLOT * i + words[w + 14]]), client, i))
+            out.append((bytes(data[start:start + words[w + 14]]), client, i))
         return out
 
     def _client(self, key: int) -> str:
@@ -168,7 +172,8 @@ class BatchIO:
                 int.from_bytes(raw[4:8], "big"), int.from_bytes(raw[24:28], sys.byteorder))
 
     def send(self, replies) -> None:
-        data, lens, words, names = self._sdata, self._slens, self._swords, self._names_at
+        data, lens, words, name_at = self._sdata, self._slens, self._swords, self._name_at
+        slots = iter(self._sslots)
         k = 0
         for reply, ref in replies:
             size = len(reply)
@@ -178,10 +183,10 @@ class BatchIO:
                 except OSError:
                     pass
                 continue
-            start = SLOT * k
+            start, length_at, msg_at = next(slots)
             data[start:start + size] = reply
-            lens[2 * k + 1] = size
-            words[8 * k] = names + _NAME_STRIDE * ref
+            lens[length_at] = size
+            words[msg_at] = name_at[ref]
             k += 1
         done, tries = 0, 0
         while done < k and tries < k:   # a datagram that cannot go (EAGAIN, EPERM) is skipped
