@@ -234,6 +234,7 @@ class Server:
             started = perf()
             now = clock()
             replies, sigs, tails, others = [], [], [], []
+            reply_to, count_as, log_as = replies.append, sigs.append, tails.append
             hits, last, field, table = 0, None, "", None
             acquire()
             try:
@@ -250,13 +251,14 @@ class Server:
                             field = fields[client] = client_field(client)
                     if table is not None:
                         ready = table.get(data[2:])
-                        if ready is not None and ready[1] > now:
-                            replies.append((data[:2] + ready[0], ref))
-                            sigs.append(ready[2])
-                            tails.append(field + ready[3])
-                            if ready[4]:
-                                hits += 1
-                            continue
+                        if ready is not None:
+                            body, until, sig, tail, cached = ready
+                            if until > now:
+                                reply_to((data[:2] + body, ref))
+                                count_as(sig)
+                                log_as(field + tail)
+                                hits += cached
+                                continue
                     last = None                 # what follows may give this client a table
                     try:
                         step = begin(data, client, policy, ctx, now)
