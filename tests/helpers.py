@@ -32,6 +32,16 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
+def have_ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (containers sometimes have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def write_blocklists(directory: Path, policy: dict, services: dict[str, dict]) -> Path:
     """A blocklists directory: policy.yaml plus services/<name>.yaml from plain dicts."""
     (directory / "services").mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import dns.rdatatype
 import dnslib
 import pytest
 
-from helpers import (TEST_SERVICES, Dnsmasq, PyUpstream, Sinkhole, ask, free_port, have,
+from helpers import (TEST_SERVICES, Dnsmasq, PyUpstream, Sinkhole, ask, free_port, have, have_ipv6_loopback,
                      write_blocklists, zone_answer)
 
 pytestmark = [pytest.mark.integration,
@@ -371,16 +371,7 @@ def test_blocked_and_built_in_names_never_reach_the_upstream(tmp_path, blocklist
 
 # -- IPv6 listener -------------------------------------------------------------------------------
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1)")
+@pytest.mark.skipif(not have_ipv6_loopback(), reason="no IPv6 loopback (::1)")
 def test_ipv6_listener(tmp_path):
     policy = dict(POLICY, groups=dict(POLICY["groups"], desktop=dict(
         POLICY["groups"]["desktop"], subnets=["127.0.1.0/24", "::1/128"])))

@@ -15,24 +15,15 @@ import time
 
 import pytest
 
-from helpers import settled
+from helpers import have_ipv6_loopback, settled
 from resolver import udpio
 from resolver.udpio import SLOT, BatchIO, PlainIO, udp_io
 
 WAIT = 5                                            # seconds before a missing datagram fails a test
 
 
-def _have_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 FAMILIES = [pytest.param("127.0.0.1", id="ipv4"),
-            pytest.param("::1", id="ipv6", marks=pytest.mark.skipif(not _have_ipv6_loopback(),
+            pytest.param("::1", id="ipv6", marks=pytest.mark.skipif(not have_ipv6_loopback(),
                                                                     reason="no IPv6 loopback (::1) here"))]
 needs_mmsg = pytest.mark.skipif(udpio._MMSG is None, reason="recvmmsg/sendmmsg need 64-bit Linux")
 KINDS = [pytest.param("batch", marks=needs_mmsg), "plain"]
