@@ -55,7 +55,8 @@ class TcpConfig:
 
 @dataclass(frozen=True)
 class UdpConfig:
-    batch: int = 64              # datagrams taken in (recvmmsg) and answered (sendmmsg) per system call; 1: recvfrom/sendto
+    batch: int = 64              # datagrams taken in (recvmmsg) and answered (sendmmsg) per call;
+                                 # 1: recvfrom/sendto
 
 
 @dataclass(frozen=True)
