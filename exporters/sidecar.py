@@ -9,6 +9,7 @@ import signal
 import struct
 import sys
 import time
+from typing import NamedTuple
 
 from resolver.loader import PolicyError, load_policy
 from resolver.policy import Policy
@@ -24,6 +25,16 @@ log = logging.getLogger("sinkhole.sidecar")
 DONE = object()             # a flow that needs no more looking at
 HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ")
 _HEAD = struct.Struct("!HBxH2xHxB10xHH").unpack_from     # Ethernet + IPv4 + ports, from byte 12
+BATCH = 256                 # observations reported together (see feed_all)
+
+
+class Answer(NamedTuple):
+    """An address our resolver gave a client (an A or AAAA record read off the wire): learned
+    in packet order, among the observations of the packets around it."""
+    client: tuple[int, int]
+    address: tuple[int, int]
+    ttl: int
+    time: float
 
 
 class Engine:
@@ -75,13 +86,21 @@ class Engine:
         same). Untagged Ethernet IPv4 without options is located inline, its header fields and
         ports read by one struct unpack (its flow_key is then bytes 26-38: addresses and ports
         back to back); anything else by packets.locate. Only the rest goes to `observe`, which
-        reads the frame's bytes too (`_deliver`): no Packet object on either path."""
+        reads the frame's bytes too: no Packet object on either path.
+
+        Observations are reported (detectors, alerts) in batches of about BATCH, in packet order,
+        after the packets that made them were observed: running the detectors over a batch in one
+        go is much faster than alternating with the header checks, and nothing `observe` reads
+        (flow tables, the policy snapshot) is changed by reporting. Our resolver's answers are
+        learned in the same order (`Answer`), so no-dns sees exactly what it saw packet by packet.
+        What was observed is reported even when reading stops with an error."""
         rows = []
+        pending = []
         metrics = self.metrics
         triage = self.triage
         tcp, quic_flows, udp_flows = self.tcp, self.quic, self.udp
         tcp_get, tcp_touch, quic_touch = dict.get, tcp.move_to_end, quic_flows.move_to_end
-        deliver = self._deliver
+        observe, report = self.observe, self._report
         n = unparsed = 0
         try:
             for when, linktype, frame in frames:
@@ -153,24 +172,28 @@ class Engine:
                             if not (data + 3 <= end and frame[data] == 0x16 and frame[data + 1] == 3
                                     and frame[data + 2] <= 4 or frame.startswith(HTTP_METHODS, data, end)):
                                 continue                               # (looks_like_tls, inline)
-                found = deliver(when, frame, at, key)
+                found = observe(when, frame, at, self.ctx, key)
                 if found:
-                    rows += found
+                    pending += found
+                    if len(pending) >= BATCH:
+                        batch, pending = pending, []
+                        rows += report(batch, self.ctx)
         finally:
             self.packets += n
             self.unparsed += unparsed
+            if pending:
+                rows += report(pending, self.ctx)
         return rows
 
-    def _deliver(self, when: float, frame: bytes, at: tuple, flow: bytes | None = None) -> list[dict]:
-        """A located packet that may tell something: observations, findings, alerts."""
-        ctx = self.ctx                                 # one snapshot for the whole packet
-        observations = self.observe(when, frame, at, ctx, flow)
-        return self._report(observations, ctx) if observations else []
-
     def _report(self, observations, ctx) -> list[dict]:
-        """Findings of observations -> counts, alert rows (deduplicated), enforcement, metrics."""
+        """Findings of observations -> counts, alert rows (deduplicated), enforcement, metrics;
+        answers learned in their place among them."""
         rows = []
+        learn = self.learned.answer
         for obs in observations:
+            if obs.__class__ is Answer:
+                learn(*obs)
+                continue
             for f in detect(obs, ctx):
                 counts = self.counts[f.detector]
                 if self.metrics is not None:
@@ -192,20 +215,18 @@ class Engine:
                         self.metrics.alerts.labels(f.detector).inc()
         return rows
 
-    def observe(self, when: float, frame: bytes, at: tuple, ctx, flow: bytes | None = None) -> list[Observation]:
-        """What one located packet tells: learn our resolver's answers; turn client packets into
-        observations (a new flow, a complete ClientHello, an HTTP request). Read off the frame's
-        bytes; addresses become ints only for an observation (`addresses`)."""
+    def observe(self, when: float, frame: bytes, at: tuple, ctx, flow: bytes | None = None) -> list:
+        """What one located packet tells: our resolver's answers (`Answer`, learned when reported);
+        client packets as observations (a new flow, a complete ClientHello, an HTTP request). Read
+        off the frame's bytes; addresses become ints only for an observation (`addresses`)."""
         version, o, proto, p, data, end = at
         sport, dport = frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
         if sport == 53:
             src = int.from_bytes(frame[o + 12:o + 16] if version == 4 else frame[o + 8:o + 24], "big")
             if (version, src) in ctx.sanctioned:
                 message = frame[data + 2 if proto == TCP else data:end]
-                dst = addresses(frame, at)[2]
-                for v, address, ttl in dns_addresses(message):
-                    self.learned.answer((version, dst), (v, address), ttl, when)
-                return []
+                client = (version, addresses(frame, at)[2])
+                return [Answer(client, (v, address), ttl, when) for v, address, ttl in dns_addresses(message)]
         if flow is None:
             flow = flow_key(frame, at)
         if proto == UDP:

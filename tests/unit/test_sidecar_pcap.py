@@ -124,7 +124,7 @@ def test_fast_path_and_reader_give_what_the_full_path_gives(tmp_path, kind, name
     fast = engine(tmp_path, started=T0)
     full = engine(tmp_path, started=T0)
     full.triage = False
-    fast_rows = [r for t, lt, f in read for r in fast.feed(t, lt, f)]
+    fast_rows = fast.feed_all(read)             # one loop, observations reported in batches
     full_rows = [r for t, f in zip(times, frames) for r in full.feed(t, 1, f)]
     assert fast_rows == full_rows
     assert sorted(r["detector"] for r in fast_rows) == sorted(CASES[name][1])
