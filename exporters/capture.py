@@ -56,7 +56,8 @@ class CaptureError(ValueError):
     """A capture file that cannot be read (not pcap/pcapng, or a damaged record)."""
 
 
-_CHUNK = 4 << 20
+_CHUNK = 64 << 10               # read size: small enough that the buffer and its frames stay in the
+                                # CPU cache while they are handled (4 MiB reads made --pcap ~7 % slower)
 _MAX_RECORD = 1 << 18            # snap lengths go up to 262144
 _MAX_BLOCK = 1 << 24             # any pcapng block; a damaged length must not read the file into memory
 
@@ -84,16 +85,18 @@ def read_pcap(path: str) -> Iterator[tuple[float, int, bytes]]:
         buf, pos, base = b"", 0, 24                  # base: file offset of buf[0]
         while True:
             size = len(buf)
+            missing = 0                              # of a record begun in buf (read at once)
             while pos + 16 <= size:
                 sec, frac, caplen, _ = record(buf, pos)
                 end = pos + 16 + caplen
                 if end > size:
                     if caplen > _MAX_RECORD:
                         raise CaptureError(f"{path}: record at byte {base + pos} claims {caplen} bytes")
+                    missing = end - size
                     break
                 yield sec + frac * scale, linktype, buf[pos + 16:end]
                 pos = end
-            more = f.read(_CHUNK)
+            more = f.read(max(_CHUNK, missing))
             if not more:
                 if pos < size:
                     raise CaptureError(f"{path}: truncated record at byte {base + pos}")
@@ -122,7 +125,7 @@ def _pcapng(path: str, f, first: bytes) -> Iterator[tuple[float, int, bytes]]:
         if blen < 12 or blen % 4 or blen > _MAX_BLOCK:
             raise CaptureError(f"{path}: bad pcapng block length {blen} at byte {base + pos}")
         if pos + blen > len(data):
-            more = f.read(_CHUNK)
+            more = f.read(max(_CHUNK, pos + blen - len(data)))
             if not more:
                 if pos < len(data):
                     raise CaptureError(f"{path}: truncated block at byte {base + pos}")
