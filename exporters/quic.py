@@ -63,15 +63,24 @@ def _mask(hp: bytes, sample: bytes) -> bytes:
 
 
 def read_varint(data: bytes, p: int) -> tuple[int, int]:
+    value, end = _varint(data, p)
+    if value < 0:
+        raise QUICError(_PAST_END)
+    return value, end
+
+
+def _varint(data: bytes, p: int) -> tuple[int, int]:
+    """read_varint without raising: (-1, p) when the varint runs past the end."""
     if p >= len(data):
-        raise QUICError("varint past the end")
+        return -1, p
     size = 1 << (data[p] >> 6)
     if p + size > len(data):
-        raise QUICError("varint past the end")
-    value = data[p] & 0x3F
-    for b in data[p + 1:p + size]:
-        value = (value << 8) | b
-    return value, p + size
+        return -1, p
+    return int.from_bytes(data[p:p + size], "big") & _VARINT_VALUE[size], p + size
+
+
+_PAST_END = "varint past the end"
+_VARINT_VALUE = {1: 0x3F, 2: 0x3FFF, 4: 0x3FFFFFFF, 8: 0x3FFFFFFFFFFFFFFF}     # the length bits cleared
 
 
 def varint(value: int) -> bytes:
@@ -95,6 +104,15 @@ class Initial:
 def long_header(data: bytes) -> tuple[int, bytes, bytes, int, int] | None:
     """(version, dcid, scid, packet-number offset, end of packet) of a client Initial at the start of `data`; None for
     any other packet. Raises QUICError when it is an Initial but malformed."""
+    head = _long_header(data)
+    if head.__class__ is str:
+        raise QUICError(head)
+    return head
+
+
+def _long_header(data: bytes) -> tuple[int, bytes, bytes, int, int] | str | None:
+    """long_header, with what is wrong with a malformed Initial returned instead of raised (most
+    long-header datagrams seen are not readable Initials, and raising costs)."""
     if len(data) < 7 or not data[0] & 0x80:
         return None
     version = int.from_bytes(data[1:5], "big")
@@ -103,19 +121,22 @@ def long_header(data: bytes) -> tuple[int, bytes, bytes, int, int] | None:
     p = 5
     dlen = data[p]
     if dlen > 20 or p + 1 + dlen >= len(data):
-        raise QUICError("bad DCID length")
+        return "bad DCID length"
     dcid = data[p + 1:p + 1 + dlen]
     p += 1 + dlen
     slen = data[p]
     if slen > 20 or p + 1 + slen > len(data):
-        raise QUICError("bad SCID length")
+        return "bad SCID length"
     scid = data[p + 1:p + 1 + slen]
     p += 1 + slen
-    token_len, p = read_varint(data, p)
-    p += token_len
-    length, p = read_varint(data, p)
+    token_len, p = _varint(data, p)
+    if token_len < 0:
+        return _PAST_END
+    length, p = _varint(data, p + token_len)
+    if length < 0:
+        return _PAST_END
     if p + length > len(data) or length < 20:
-        raise QUICError("Initial length runs past the datagram")
+        return "Initial length runs past the datagram"
     return version, dcid, scid, p, p + length
 
 
@@ -216,11 +237,8 @@ class CryptoStream:
 
 def first_initial_dcid(datagram: bytes) -> bytes | None:
     """The DCID of a datagram that starts with a client Initial (cheap: no decryption)."""
-    try:
-        head = long_header(datagram)
-    except QUICError:
-        return None
-    return head[1] if head else None
+    head = _long_header(datagram)
+    return head[1] if head and head.__class__ is not str else None
 
 
 def read_datagram(datagram: bytes, stream: CryptoStream | None) -> tuple[CryptoStream, ClientHello | None]:

@@ -24,6 +24,7 @@ from .tls import MAX_HELLO, Reassembly, TLSError, hello_from_records, looks_like
 log = logging.getLogger("sinkhole.sidecar")
 DONE = object()             # a flow that needs no more looking at
 HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ")
+HTTP_FIRST = frozenset(m[0] for m in HTTP_METHODS)
 _HEAD = struct.Struct("!HBxH2xHxB10xHH").unpack_from     # Ethernet + IPv4 + ports, from byte 12
 BATCH = 256                 # observations reported together (see feed_all)
 
@@ -169,9 +170,10 @@ class Engine:
                             if state is DONE:
                                 continue
                         else:
-                            if not (data + 3 <= end and frame[data] == 0x16 and frame[data + 1] == 3
-                                    and frame[data + 2] <= 4 or frame.startswith(HTTP_METHODS, data, end)):
-                                continue                               # (looks_like_tls, inline)
+                            first = frame[data]                        # (looks_like_tls, inline)
+                            if not (first == 0x16 and data + 3 <= end and frame[data + 1] == 3 and frame[data + 2] <= 4
+                                    or first in HTTP_FIRST and frame.startswith(HTTP_METHODS, data, end)):
+                                continue
                 found = observe(when, frame, at, self.ctx, key)
                 if found:
                     pending += found
