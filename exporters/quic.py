@@ -8,12 +8,11 @@ once complete. `protect_initial` builds Initials (tests; checked against RFC 900
 from __future__ import annotations
 
 import functools
+import hmac
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from .tls import MAX_HELLO, ClientHello, TLSError, hello_from_handshake
 
@@ -37,15 +36,15 @@ class Keys:
 
 
 def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
+    """HKDF-Expand-Label (RFC 8446 section 7.1) with SHA-256, for at most 32 bytes: HKDF-Expand's
+    first block, HMAC(secret, info | 0x01), is all of it (the standard library's one-shot HMAC)."""
     full = b"tls13 " + label
     info = length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00"
-    return HKDFExpand(hashes.SHA256(), length, info).derive(secret)
+    return hmac.digest(secret, info + b"\x01", "sha256")[:length]
 
 
 def initial_secret(dcid: bytes, version: int = V1) -> bytes:
-    h = hmac.HMAC(SALTS[version], hashes.SHA256())     # HKDF-Extract
-    h.update(dcid)
-    return h.finalize()
+    return hmac.digest(SALTS[version], dcid, "sha256")     # HKDF-Extract
 
 
 @functools.lru_cache(maxsize=4096)
