@@ -200,6 +200,22 @@ QUESTIONS, QUESTION_MAX = 16384, 300         # names remembered, of queries up t
 _QUESTIONS: dict[bytes | None, str] = {}     # the bytes after a plain query's header -> its name
 
 
+def observation(when: float, kind: str, transport: str, frame: bytes, at: tuple, sni: str | None = None,
+                alpn: tuple[str, ...] = (), name: str | None = None, detail: str = "") -> Observation:
+    """The Observation of a located frame: its addresses and ports (as `addresses` reads them)
+    after kind and transport. Built as the tuple it is, in one call."""
+    version, o, _, p, _, _ = at
+    if version == 4:
+        src, dst = _V4_ADDRESSES(frame, o + 12)
+    else:
+        src, dst = int.from_bytes(frame[o + 8:o + 24], "big"), int.from_bytes(frame[o + 24:o + 40], "big")
+    sport, dport = _PORTS(frame, p)
+    return _tuple_new(Observation, (when, kind, transport, version, src, dst, sport, dport, sni, alpn, name, detail))
+
+
+_tuple_new = tuple.__new__
+
+
 def dns_question(message: bytes) -> str | None:
     """The name a DNS query asks for, or None when it is not a readable query.
 

@@ -18,7 +18,8 @@ from . import quic
 from .alerts import Alerts
 from .detectors import DETECTORS, Learned, Settings, build_context, detect
 from .lru import LRU
-from .packets import TCP, UDP, Observation, addresses, dns_addresses, dns_question, flow_key, locate
+from .packets import (TCP, UDP, Observation, addresses, dns_addresses, dns_question, flow_key, locate,
+                      observation)
 from .tls import MAX_HELLO, Reassembly, TLSError, hello_from_records, looks_like_tls
 
 log = logging.getLogger("sinkhole.sidecar")
@@ -237,13 +238,13 @@ class Engine:
             if (dport == 53 or dport == 853) and flow not in self.udp:
                 self.udp.put(flow, True)
                 name = dns_question(bytes(frame[data:end])) if dport == 53 else None
-                return [Observation(when, "connect", "udp", *addresses(frame, at), None, (), name)]
+                return [observation(when, "connect", "udp", frame, at, None, (), name)]
             return []
         if proto != TCP:
             return []
         if frame[p + 13] & 0x12 == 0x02:              # SYN without ACK: a connection attempt
             self.tcp.put(flow, Reassembly((int.from_bytes(frame[p + 4:p + 8], "big") + 1) & 0xFFFFFFFF))
-            return [Observation(when, "connect", "tcp", *addresses(frame, at))]
+            return [observation(when, "connect", "tcp", frame, at)]
         if data >= end:
             return []
         state = self.tcp.get(flow)
@@ -274,7 +275,7 @@ class Engine:
                 state.add(seq, payload)
             return []
         self.tcp.put(flow, DONE)
-        return [Observation(when, "hello", "tcp", *addresses(frame, at), hello.sni, hello.alpn)]
+        return [observation(when, "hello", "tcp", frame, at, hello.sni, hello.alpn)]
 
     def _quic(self, when: float, frame: bytes, at: tuple, flow: bytes) -> list[Observation]:
         state = self.quic.get(flow)
@@ -283,7 +284,7 @@ class Engine:
         if state is None:
             if quic.first_initial_dcid(payload) is None:
                 return []                     # not the start of a connection we saw begin
-            out.append(Observation(when, "connect", "quic", *addresses(frame, at)))
+            out.append(observation(when, "connect", "quic", frame, at))
         if state is DONE:
             return out
         try:
@@ -293,7 +294,7 @@ class Engine:
             return out
         if hello is not None:
             self.quic.put(flow, DONE)
-            out.append(Observation(when, "hello", "quic", *addresses(frame, at), hello.sni, hello.alpn))
+            out.append(observation(when, "hello", "quic", frame, at, hello.sni, hello.alpn))
         else:
             self.quic.put(flow, stream)
         return out
@@ -308,7 +309,7 @@ class Engine:
             if line[:5].lower() == b"host:":
                 host = line[5:].strip().decode("ascii", "replace").lower().split(":")[0] or None
                 break
-        return [Observation(when, "http", "tcp", *addresses(frame, at), None, (), host,
+        return [observation(when, "http", "tcp", frame, at, None, (), host,
                             parts[1].decode("ascii", "replace")[:512])]
 
     def summary(self) -> str:

@@ -11,7 +11,8 @@ from scapy.layers.inet import IP, TCP, UDP  # noqa: E402
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment  # noqa: E402
 from scapy.layers.l2 import Dot1Q, Ether  # noqa: E402
 
-from exporters.packets import LINKTYPE_RAW, dns_addresses, dns_question, parse  # noqa: E402
+from exporters.packets import (LINKTYPE_RAW, Observation, addresses, dns_addresses, dns_question,  # noqa: E402
+                               locate, observation, parse)
 from sidecar_frames import dns_answer, dns_query, frame, syn, tcp_data, udp  # noqa: E402
 
 
@@ -34,6 +35,11 @@ def test_headers_are_read_like_scapy_wrote_them(raw, want):
     p = parse(raw, 1, 5.0)
     assert (p.src_ip, p.dst_ip, p.proto, p.sport, p.dport, p.syn, p.payload) == want
     assert p.time == 5.0
+    at = locate(raw, 1)
+    obs = observation(5.0, "hello", "tcp", raw, at, "a.test", ("h2",), "n.test", "/x")
+    assert obs == Observation(5.0, "hello", "tcp", *addresses(raw, at), "a.test", ("h2",), "n.test", "/x")
+    assert type(obs) is Observation and (obs.client_ip, obs.server_ip, obs.server_port) == (want[0], want[1], want[4])
+    assert observation(5.0, "connect", "udp", raw, at) == Observation(5.0, "connect", "udp", *addresses(raw, at))
 
 
 def test_raw_ip_linktype_and_ethernet_trailer_padding():
