@@ -9,6 +9,8 @@ import signal
 import struct
 import sys
 import time
+from itertools import islice
+from operator import itemgetter
 from typing import NamedTuple
 
 from resolver.loader import PolicyError, load_policy
@@ -27,7 +29,8 @@ DONE = object()             # a flow that needs no more looking at
 HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ")
 HTTP_FIRST = frozenset(m[0] for m in HTTP_METHODS)
 _HEAD = struct.Struct("!HBxH2xHxB10xHH").unpack_from     # Ethernet + IPv4 + ports, from byte 12
-BATCH = 256                 # observations reported together (see feed_all)
+RUN = 512                   # frames handled together (see feed_all)
+_FIRST = itemgetter(0)
 
 
 class Answer(NamedTuple):
@@ -81,39 +84,48 @@ class Engine:
     def feed_all(self, frames) -> list[dict]:
         """Every (time, linktype, frame) of an iterable, in order; the alert rows they raised.
 
-        One loop for the whole capture, because most packets need nothing: ACKs, mid-flow data of
-        flows already read, server traffic, short-header QUIC, other UDP. For each, `observe`'s own
-        tests, in its order, are read off header bytes before any object is built, and the flow's
-        place in its table is refreshed as `observe` would (so state and eviction order stay the
-        same). Untagged Ethernet IPv4 without options is located inline, its header fields and
-        ports read by one struct unpack (its flow_key is then bytes 26-38: addresses and ports
-        back to back); anything else by packets.locate. Only the rest goes to `observe`, which
-        reads the frame's bytes too: no Packet object on either path.
+        Frames are taken RUN at a time and handled in three steps, each a tight loop over one
+        kind of work (much faster than alternating kinds of work packet by packet):
 
-        Observations are reported (detectors, alerts) in batches of about BATCH, in packet order,
-        after the packets that made them were observed: running the detectors over a batch in one
-        go is much faster than alternating with the header checks, and nothing `observe` reads
-        (flow tables, the policy snapshot) is changed by reporting. Our resolver's answers are
-        learned in the same order (`Answer`), so no-dns sees exactly what it saw packet by packet.
-        What was observed is reported even when reading stops with an error."""
+        1. `_locate`: where each frame's headers are, and which flow table its packet can touch.
+        2. `_observe`: per table, that table's packets in their order: the triage, then `observe`.
+           A table is touched only by its own packets, so it sees what it saw packet by packet.
+        3. `_report`: the observations, in packet order. Nothing `observe` reads (flow tables,
+           the policy snapshot) is changed by reporting, and our resolver's answers are learned
+           in their place among them (`Answer`), so no-dns sees what it saw packet by packet.
+
+        What was read before the frames' iterable raised (a damaged capture) is handled before
+        the error goes on."""
         rows = []
-        pending = []
+        frames = iter(frames)
+        while True:
+            tables = ([], [], [])
+            try:
+                n = self._locate(islice(frames, RUN), tables)
+            except Exception:
+                rows += self._report(self._observe(tables), self.ctx)
+                raise
+            rows += self._report(self._observe(tables), self.ctx)
+            if n < RUN:
+                return rows
+
+    def _locate(self, frames, tables: tuple[list, list, list]) -> int:
+        """Where things are in each frame (packets.locate), appended as (index, time, frame,
+        location, source port, destination port, inline) to the list of the flow table its packet
+        can touch: TCP, QUIC (UDP to 443), other UDP. Untagged Ethernet IPv4 without options is
+        located inline, from one struct unpack of ethertype, IP version/IHL, total length,
+        fragment field, protocol and ports (its flow_key is then bytes 26-38: addresses and ports
+        back to back). Returns how many frames it read; unreadable ones are counted unparsed."""
         metrics = self.metrics
-        triage = self.triage
-        tcp, quic_flows, udp_flows = self.tcp, self.quic, self.udp
-        tcp_get, tcp_touch, quic_touch = dict.get, tcp.move_to_end, quic_flows.move_to_end
-        observe, report = self.observe, self._report
+        tcp_packets, quic_packets, udp_packets = tables
         n = unparsed = 0
         try:
-            for when, linktype, frame in frames:
-                n += 1
+            for n, (when, linktype, frame) in enumerate(frames, 1):
                 if self.started is None:               # a pcap: its first packet starts the clock
                     self.started = when
                     self.ctx = build_context(self.policy, self.sanctioned, self.learned, when, self.settings)
                 if metrics is not None:
                     metrics.packets.inc()
-                # where things are (packets.locate), inline for the common frame: one unpack of
-                # ethertype, IP version/IHL, total length, fragment field, protocol and ports
                 inline = False
                 if linktype == 1 and len(frame) >= 42:
                     ethertype, vihl, total, fragment, proto, sport, dport = _HEAD(frame, 12)
@@ -134,59 +146,85 @@ class Engine:
                                 data = -1
                     elif end < 42:
                         data = -1
-                    if data < 0:
-                        at = None
-                    else:
-                        at = (4, 14, proto, 34, data, end)
-                        p = 34
+                    at = None if data < 0 else (4, 14, proto, 34, data, end)
                 else:
                     at = locate(frame, linktype)
                     if at is not None:
-                        _, _, proto, p, data, end = at
+                        proto, p = at[2], at[3]
                         sport, dport = frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
                 if at is None:
                     unparsed += 1
                     if metrics is not None:
                         metrics.unparsed.inc()
                     continue
-                key = None
-                if triage and sport != 53:                       # 53: maybe our resolver's answer
-                    if proto == UDP:
-                        if dport == 443:
-                            if not (data < end and frame[data] & 0x80):    # not a long header
-                                key = frame[26:38] if inline else flow_key(frame, at)
-                                if key in quic_flows:
-                                    quic_touch(key)
-                                continue
-                        elif dport != 53 and dport != 853 or (
-                                key := frame[26:38] if inline else flow_key(frame, at)) in udp_flows:
-                            continue
-                    elif not frame[p + 13] & 0x12 == 0x02:             # not a connection attempt
-                        if data >= end:
-                            continue                                   # no payload: ACK, FIN, RST
-                        key = frame[26:38] if inline else flow_key(frame, at)
-                        state = tcp_get(tcp, key)                      # LRU.get, inline
-                        if state is not None:
-                            tcp_touch(key)
-                            if state is DONE:
-                                continue
-                        else:
-                            first = frame[data]                        # (looks_like_tls, inline)
-                            if not (first == 0x16 and data + 3 <= end and frame[data + 1] == 3 and frame[data + 2] <= 4
-                                    or first in HTTP_FIRST and frame.startswith(HTTP_METHODS, data, end)):
-                                continue
-                found = observe(when, frame, at, self.ctx, key)
-                if found:
-                    pending += found
-                    if len(pending) >= BATCH:
-                        batch, pending = pending, []
-                        rows += report(batch, self.ctx)
+                packet = (n, when, frame, at, sport, dport, inline)
+                if proto == TCP:
+                    tcp_packets.append(packet)
+                elif dport == 443:
+                    quic_packets.append(packet)
+                else:
+                    udp_packets.append(packet)
         finally:
             self.packets += n
             self.unparsed += unparsed
-            if pending:
-                rows += report(pending, self.ctx)
-        return rows
+        return n
+
+    def _observe(self, tables: tuple[list, list, list]) -> list:
+        """Each table's packets in order: the triage, then `observe` for those that may tell
+        something; their observations (and answers), in packet order.
+
+        Most packets need nothing: ACKs, mid-flow data of flows already read, server traffic,
+        short-header QUIC, other UDP. For each, `observe`'s own tests, in its order, are read off
+        header bytes before any object is built, and the flow's place in its table is refreshed
+        as `observe` would (so state and eviction order stay the same). Only the rest goes to
+        `observe`, which reads the frame's bytes too: no Packet object on either path."""
+        tcp_packets, quic_packets, udp_packets = tables
+        triage, observe, ctx = self.triage, self.observe, self.ctx
+        tcp, quic_flows, udp_flows = self.tcp, self.quic, self.udp
+        found = []
+        for i, when, frame, at, sport, dport, inline in tcp_packets:
+            key = None
+            if triage and sport != 53:                          # 53: maybe our resolver's answer
+                _, _, _, p, data, end = at
+                if not frame[p + 13] & 0x12 == 0x02:            # not a connection attempt
+                    if data >= end:
+                        continue                                # no payload: ACK, FIN, RST
+                    key = frame[26:38] if inline else flow_key(frame, at)
+                    state = dict.get(tcp, key)                  # LRU.get, inline
+                    if state is not None:
+                        tcp.move_to_end(key)
+                        if state is DONE:
+                            continue
+                    else:
+                        first = frame[data]                     # (looks_like_tls, inline)
+                        if not (first == 0x16 and data + 3 <= end and frame[data + 1] == 3 and frame[data + 2] <= 4
+                                or first in HTTP_FIRST and frame.startswith(HTTP_METHODS, data, end)):
+                            continue
+            seen = observe(when, frame, at, ctx, key)
+            if seen:
+                found.append((i, seen))
+        for i, when, frame, at, sport, dport, inline in quic_packets:
+            key = None
+            if triage and sport != 53:
+                data, end = at[4], at[5]
+                if not (data < end and frame[data] & 0x80):     # not a long header
+                    key = frame[26:38] if inline else flow_key(frame, at)
+                    if key in quic_flows:
+                        quic_flows.move_to_end(key)
+                    continue
+            seen = observe(when, frame, at, ctx, key)
+            if seen:
+                found.append((i, seen))
+        for i, when, frame, at, sport, dport, inline in udp_packets:
+            key = None
+            if triage and sport != 53 and (dport != 53 and dport != 853 or (
+                    key := frame[26:38] if inline else flow_key(frame, at)) in udp_flows):
+                continue
+            seen = observe(when, frame, at, ctx, key)
+            if seen:
+                found.append((i, seen))
+        found.sort(key=_FIRST)
+        return [x for _, seen in found for x in seen]
 
     def _report(self, observations, ctx) -> list[dict]:
         """Findings of observations -> counts, alert rows (deduplicated), enforcement, metrics;

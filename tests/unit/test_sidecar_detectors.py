@@ -169,22 +169,39 @@ def test_no_dns_quiet_while_learning_and_for_clients_caught_resolving_elsewhere(
     assert eng.counts["no-dns"] == [0, 0, 2]
 
 
-def test_answers_are_learned_in_packet_order_across_report_batches(tmp_path):
-    """feed_all reports observations in batches (sidecar.BATCH) after observing their packets; an
-    answer from our resolver is learned in its place among them: the SYN before it is no-dns, the
-    one after it is not, on every side of a batch's end; the same rows as frame by frame."""
-    from exporters.sidecar import BATCH
+def test_answers_are_learned_in_packet_order_across_runs(tmp_path):
+    """feed_all handles frames sidecar.RUN at a time (flow tables first, then reporting); an
+    answer from our resolver is learned in its place among the observations: the SYN before it is
+    no-dns, the one after it is not, on every side of a run's end; the same rows as frame by frame."""
+    from exporters.sidecar import RUN
     frames = []
-    for i in range(BATCH + 50):
+    for i in range(RUN):
         server = f"11.0.{i // 250}.{i % 250 + 1}"
         frames += [syn(DESKTOP, server, 443, sport=2000 + i), answer(DESKTOP, f"s{i}.example.test", [server]),
                    syn(DESKTOP, server, 443, sport=30000 + i)]
     batched, one_by_one = engine(tmp_path), engine(tmp_path)
     rows = batched.feed_all((T0 + i * 0.001, 1, f) for i, f in enumerate(frames))
     assert rows == [r for i, f in enumerate(frames) for r in one_by_one.feed(T0 + i * 0.001, 1, f)]
-    assert [r["destination"] for r in rows] == [f"11.0.{i // 250}.{i % 250 + 1}" for i in range(BATCH + 50)]
-    assert {r["detector"] for r in rows} == {"no-dns"} and batched.counts["no-dns"] == [BATCH + 50, 0, 0]
-    assert len(batched.learned.per_client) == BATCH + 50
+    assert [r["destination"] for r in rows] == [f"11.0.{i // 250}.{i % 250 + 1}" for i in range(RUN)]
+    assert {r["detector"] for r in rows} == {"no-dns"} and batched.counts["no-dns"] == [RUN, 0, 0]
+    assert len(batched.learned.per_client) == RUN and batched.packets == 3 * RUN
+
+
+def test_frames_read_before_an_error_are_handled(tmp_path):
+    """A capture that breaks off (the reader raises) after more than a run of frames: every frame
+    read before the error is counted, observed and reported (alerts written), then the error goes on."""
+    from exporters.capture import CaptureError
+    from exporters.sidecar import RUN
+    eng = engine(tmp_path)
+
+    def frames():
+        for i in range(RUN + 7):
+            yield T0 + i * 0.001, 1, syn(DESKTOP, f"11.1.{i // 250}.{i % 250 + 1}", 443, sport=2000 + i)
+        raise CaptureError("x.pcap: truncated record at byte 99")
+    with pytest.raises(CaptureError):
+        eng.feed_all(frames())
+    assert eng.packets == RUN + 7 and eng.counts["no-dns"] == [RUN + 7, 0, 0]
+    assert len(eng.out.getvalue().splitlines()) == RUN + 7
 
 
 # -- policy, metrics, bounds ---------------------------------------------------------------------
