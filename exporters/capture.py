@@ -81,13 +81,13 @@ def read_pcap(path: str) -> Iterator[tuple[float, int, bytes]]:
             raise CaptureError(f"{path}: truncated pcap header")
         linktype = struct.unpack(endian + "I", head[16:20])[0] & 0x0FFFFFFF
         scale = 1e-9 if kind == "ns" else 1e-6
-        record = struct.Struct(endian + "IIII").unpack_from
+        record = struct.Struct(endian + "III4x").unpack_from      # seconds, fraction, captured length
         buf, pos, base = b"", 0, 24                  # base: file offset of buf[0]
         while True:
             size = len(buf)
             missing = 0                              # of a record begun in buf (read at once)
             while pos + 16 <= size:
-                sec, frac, caplen, _ = record(buf, pos)
+                sec, frac, caplen = record(buf, pos)
                 end = pos + 16 + caplen
                 if end > size:
                     if caplen > _MAX_RECORD:

@@ -119,10 +119,11 @@ class Engine:
         metrics = self.metrics
         tcp_packets, quic_packets, udp_packets = tables
         n = unparsed = 0
+        started = self.started
         try:
             for n, (when, linktype, frame) in enumerate(frames, 1):
-                if self.started is None:               # a pcap: its first packet starts the clock
-                    self.started = when
+                if started is None:                    # a pcap: its first packet starts the clock
+                    self.started = started = when
                     self.ctx = build_context(self.policy, self.sanctioned, self.learned, when, self.settings)
                 if metrics is not None:
                     metrics.packets.inc()
@@ -181,6 +182,7 @@ class Engine:
         tcp_packets, quic_packets, udp_packets = tables
         triage, observe, ctx = self.triage, self.observe, self.ctx
         tcp, quic_flows, udp_flows = self.tcp, self.quic, self.udp
+        tcp_get, tcp_touch, quic_touch = dict.get, tcp.move_to_end, quic_flows.move_to_end
         found = []
         for i, when, frame, at, sport, dport, inline in tcp_packets:
             key = None
@@ -190,9 +192,9 @@ class Engine:
                     if data >= end:
                         continue                                # no payload: ACK, FIN, RST
                     key = frame[26:38] if inline else flow_key(frame, at)
-                    state = dict.get(tcp, key)                  # LRU.get, inline
+                    state = tcp_get(tcp, key)                   # LRU.get, inline
                     if state is not None:
-                        tcp.move_to_end(key)
+                        tcp_touch(key)
                         if state is DONE:
                             continue
                     else:
@@ -210,7 +212,7 @@ class Engine:
                 if not (data < end and frame[data] & 0x80):     # not a long header
                     key = frame[26:38] if inline else flow_key(frame, at)
                     if key in quic_flows:
-                        quic_flows.move_to_end(key)
+                        quic_touch(key)
                     continue
             seen = observe(when, frame, at, ctx, key)
             if seen:
