@@ -8,6 +8,7 @@ import logging
 import select
 import socket
 import struct
+from itertools import chain
 from typing import Iterator
 
 log = logging.getLogger("sinkhole.sidecar")
@@ -65,6 +66,12 @@ _MAX_BLOCK = 1 << 24             # any pcapng block; a damaged length must not r
 def read_pcap(path: str) -> Iterator[tuple[float, int, bytes]]:
     """(time, linktype, frame) for every packet of a pcap or pcapng file, streamed in large reads.
     Raises CaptureError, naming the file and byte offset, on anything it cannot read."""
+    return chain.from_iterable(read_pcap_runs(path))
+
+
+def read_pcap_runs(path: str) -> Iterator[list[tuple[float, int, bytes]]]:
+    """read_pcap's records as one list per read of the file: each list comes before the next read
+    (which may wait, on a pipe), and what was read before an error comes before the error."""
     with open(path, "rb") as f:
         magic = f.read(4)
         if magic == b"\x0a\x0d\x0d\x0a":
@@ -86,16 +93,21 @@ def read_pcap(path: str) -> Iterator[tuple[float, int, bytes]]:
         while True:
             size = len(buf)
             missing = 0                              # of a record begun in buf (read at once)
+            run = []
             while pos + 16 <= size:
                 sec, frac, caplen = record(buf, pos)
                 end = pos + 16 + caplen
                 if end > size:
                     if caplen > _MAX_RECORD:
+                        if run:
+                            yield run
                         raise CaptureError(f"{path}: record at byte {base + pos} claims {caplen} bytes")
                     missing = end - size
                     break
-                yield sec + frac * scale, linktype, buf[pos + 16:end]
+                run.append((sec + frac * scale, linktype, buf[pos + 16:end]))
                 pos = end
+            if run:
+                yield run
             more = f.read(max(_CHUNK, missing))
             if not more:
                 if pos < size:
@@ -107,9 +119,32 @@ def read_pcap(path: str) -> Iterator[tuple[float, int, bytes]]:
 _PCAP_MAGIC = {0xA1B2C3D4: "us", 0xA1B23C4D: "ns"}
 
 
-def _pcapng(path: str, f, first: bytes) -> Iterator[tuple[float, int, bytes]]:
+def _pcapng(path: str, f, first: bytes) -> Iterator[list[tuple[float, int, bytes]]]:
+    """Runs of records (as read_pcap_runs) of a pcapng file."""
+    run: list[tuple[float, int, bytes]] = []
+    try:
+        for record in _pcapng_records(path, f, first):
+            if record is _READING:
+                if run:
+                    yield run
+                    run = []
+            else:
+                run.append(record)
+    except CaptureError:
+        if run:
+            yield run
+        raise
+    if run:
+        yield run
+
+
+_READING = object()             # _pcapng_records is about to read more of the file
+
+
+def _pcapng_records(path: str, f, first: bytes) -> Iterator:
     """pcapng blocks: section headers (byte order), interface descriptions (link type, time
-    resolution and offset), enhanced, simple and obsolete packet blocks; other blocks skipped."""
+    resolution and offset), enhanced, simple and obsolete packet blocks; other blocks skipped.
+    Yields each packet's (time, linktype, frame), and _READING before each read."""
     data = first + f.read(_CHUNK)
     pos, base = 0, 0
     endian = "<"
@@ -125,6 +160,7 @@ def _pcapng(path: str, f, first: bytes) -> Iterator[tuple[float, int, bytes]]:
         if blen < 12 or blen % 4 or blen > _MAX_BLOCK:
             raise CaptureError(f"{path}: bad pcapng block length {blen} at byte {base + pos}")
         if pos + blen > len(data):
+            yield _READING
             more = f.read(max(_CHUNK, pos + blen - len(data)))
             if not more:
                 if pos < len(data):

@@ -84,8 +84,9 @@ class Engine:
     def feed_all(self, frames) -> list[dict]:
         """Every (time, linktype, frame) of an iterable, in order; the alert rows they raised.
 
-        Frames are taken RUN at a time and handled in three steps, each a tight loop over one
-        kind of work (much faster than alternating kinds of work packet by packet):
+        Frames are taken RUN at a time (`feed_runs`: as they were read) and handled in three
+        steps, each a tight loop over one kind of work (much faster than alternating kinds of work
+        packet by packet):
 
         1. `_locate`: where each frame's headers are, and which flow table its packet can touch.
         2. `_observe`: per table, that table's packets in their order: the triage, then `observe`.
@@ -99,15 +100,28 @@ class Engine:
         rows = []
         frames = iter(frames)
         while True:
-            tables = ([], [], [])
-            try:
-                n = self._locate(islice(frames, RUN), tables)
-            except Exception:
-                rows += self._report(self._observe(tables), self.ctx)
-                raise
-            rows += self._report(self._observe(tables), self.ctx)
+            n, found = self._run(islice(frames, RUN))
+            rows += found
             if n < RUN:
                 return rows
+
+    def feed_runs(self, runs) -> list[dict]:
+        """feed_all for frames that come in lists (capture.read_pcap_runs: one per read of the
+        file), each handled as it comes: a pipe's frames are reported before the next read waits."""
+        rows = []
+        for run in runs:
+            rows += self._run(run)[1]
+        return rows
+
+    def _run(self, frames) -> tuple[int, list[dict]]:
+        """One run of frames through the three steps: (frames read, alert rows)."""
+        tables = ([], [], [])
+        try:
+            n = self._locate(frames, tables)
+        except Exception:
+            self._report(self._observe(tables), self.ctx)
+            raise
+        return n, self._report(self._observe(tables), self.ctx)
 
     def _locate(self, frames, tables: tuple[list, list, list]) -> int:
         """Where things are in each frame (packets.locate), appended as (index, time, frame,
@@ -404,12 +418,12 @@ class Reloader:
 
 
 def run_pcap(engine: Engine, path: str, health=None) -> int:
-    from .capture import CaptureError, read_pcap
+    from .capture import CaptureError, read_pcap_runs
     start, cpu, first, waited = time.perf_counter(), time.process_time(), engine.packets, _waited()
     if health is not None:
         health.reading(path)
     try:
-        engine.feed_all(read_pcap(path))
+        engine.feed_runs(read_pcap_runs(path))
     except (OSError, CaptureError) as e:
         if health is not None:
             health.failed(str(e))
