@@ -8,6 +8,7 @@ import logging
 import select
 import socket
 import struct
+from itertools import chain
 from typing import Iterator
 
 log = logging.getLogger("sinkhole.sidecar")
@@ -56,7 +57,8 @@ class CaptureError(ValueError):
     """A capture file that cannot be read (not pcap/pcapng, or a damaged record)."""
 
 
-_CHUNK = 4 << 20
+_CHUNK = 64 << 10               # read size: small enough that the buffer and its frames stay in the
+                                # CPU cache while they are handled (4 MiB reads made --pcap ~7 % slower)
 _MAX_RECORD = 1 << 18            # snap lengths go up to 262144
 _MAX_BLOCK = 1 << 24             # any pcapng block; a damaged length must not read the file into memory
 
@@ -64,6 +66,12 @@ _MAX_BLOCK = 1 << 24             # any pcapng block; a damaged length must not r
 def read_pcap(path: str) -> Iterator[tuple[float, int, bytes]]:
     """(time, linktype, frame) for every packet of a pcap or pcapng file, streamed in large reads.
     Raises CaptureError, naming the file and byte offset, on anything it cannot read."""
+    return chain.from_iterable(read_pcap_runs(path))
+
+
+def read_pcap_runs(path: str) -> Iterator[list[tuple[float, int, bytes]]]:
+    """read_pcap's records as one list per read of the file: each list comes before the next read
+    (which may wait, on a pipe), and what was read before an error comes before the error."""
     with open(path, "rb") as f:
         magic = f.read(4)
         if magic == b"\x0a\x0d\x0d\x0a":
@@ -80,20 +88,27 @@ def read_pcap(path: str) -> Iterator[tuple[float, int, bytes]]:
             raise CaptureError(f"{path}: truncated pcap header")
         linktype = struct.unpack(endian + "I", head[16:20])[0] & 0x0FFFFFFF
         scale = 1e-9 if kind == "ns" else 1e-6
-        record = struct.Struct(endian + "IIII").unpack_from
+        record = struct.Struct(endian + "III4x").unpack_from      # seconds, fraction, captured length
         buf, pos, base = b"", 0, 24                  # base: file offset of buf[0]
         while True:
             size = len(buf)
+            missing = 0                              # of a record begun in buf (read at once)
+            run = []
             while pos + 16 <= size:
-                sec, frac, caplen, _ = record(buf, pos)
+                sec, frac, caplen = record(buf, pos)
                 end = pos + 16 + caplen
                 if end > size:
                     if caplen > _MAX_RECORD:
+                        if run:
+                            yield run
                         raise CaptureError(f"{path}: record at byte {base + pos} claims {caplen} bytes")
+                    missing = end - size
                     break
-                yield sec + frac * scale, linktype, buf[pos + 16:end]
+                run.append((sec + frac * scale, linktype, buf[pos + 16:end]))
                 pos = end
-            more = f.read(_CHUNK)
+            if run:
+                yield run
+            more = f.read(max(_CHUNK, missing))
             if not more:
                 if pos < size:
                     raise CaptureError(f"{path}: truncated record at byte {base + pos}")
@@ -104,9 +119,32 @@ def read_pcap(path: str) -> Iterator[tuple[float, int, bytes]]:
 _PCAP_MAGIC = {0xA1B2C3D4: "us", 0xA1B23C4D: "ns"}
 
 
-def _pcapng(path: str, f, first: bytes) -> Iterator[tuple[float, int, bytes]]:
+def _pcapng(path: str, f, first: bytes) -> Iterator[list[tuple[float, int, bytes]]]:
+    """Runs of records (as read_pcap_runs) of a pcapng file."""
+    run: list[tuple[float, int, bytes]] = []
+    try:
+        for record in _pcapng_records(path, f, first):
+            if record is _READING:
+                if run:
+                    yield run
+                    run = []
+            else:
+                run.append(record)
+    except CaptureError:
+        if run:
+            yield run
+        raise
+    if run:
+        yield run
+
+
+_READING = object()             # _pcapng_records is about to read more of the file
+
+
+def _pcapng_records(path: str, f, first: bytes) -> Iterator:
     """pcapng blocks: section headers (byte order), interface descriptions (link type, time
-    resolution and offset), enhanced, simple and obsolete packet blocks; other blocks skipped."""
+    resolution and offset), enhanced, simple and obsolete packet blocks; other blocks skipped.
+    Yields each packet's (time, linktype, frame), and _READING before each read."""
     data = first + f.read(_CHUNK)
     pos, base = 0, 0
     endian = "<"
@@ -122,7 +160,8 @@ def _pcapng(path: str, f, first: bytes) -> Iterator[tuple[float, int, bytes]]:
         if blen < 12 or blen % 4 or blen > _MAX_BLOCK:
             raise CaptureError(f"{path}: bad pcapng block length {blen} at byte {base + pos}")
         if pos + blen > len(data):
-            more = f.read(_CHUNK)
+            yield _READING
+            more = f.read(max(_CHUNK, pos + blen - len(data)))
             if not more:
                 if pos < len(data):
                     raise CaptureError(f"{path}: truncated block at byte {base + pos}")

@@ -75,7 +75,8 @@ class NetTable:
         return out
 
     def __contains__(self, key) -> bool:
-        return bool(self.get(*key))
+        out = self._memo.get(key)
+        return bool(out if out is not None else self.get(*key))
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,22 +320,31 @@ def no_dns(obs: Observation, ctx: Context) -> Finding | None:
 
 
 ORDER = (external_dns, dot, doq, doh_sni, doh_quic, doh_ip, httpdns, blocked_sni, blocked_ip, no_dns)
-# ORDER by observation (kind, transport): the detectors that can return a finding for it (each of
-# the others starts by returning None for it; tests/unit/test_sidecar_detectors.py checks this).
+# ORDER by observation (kind, transport, whether the server address is in any service's ip_ranges):
+# the detectors that can return a finding for it (each of the others starts by returning None for
+# it; tests/unit/test_sidecar_detectors.py checks this). Outside the ranges, blocked-ip, doh-ip and
+# httpdns on a connection cannot fire; inside them, no-dns does not (they speak for it).
 BY_KIND = {
-    ("connect", "tcp"): (external_dns, dot, httpdns, blocked_ip, no_dns),
-    ("connect", "udp"): (external_dns, doq, httpdns, blocked_ip),
-    ("connect", "quic"): (doq, httpdns, blocked_ip, no_dns),
-    ("hello", "tcp"): (dot, doh_sni, doh_ip, blocked_sni),
-    ("hello", "quic"): (doq, doh_quic, doh_ip, blocked_sni),
-    ("http", "tcp"): (httpdns,),
+    ("connect", "tcp", False): (external_dns, dot, no_dns),
+    ("connect", "tcp", True): (external_dns, dot, httpdns, blocked_ip),
+    ("connect", "udp", False): (external_dns, doq),
+    ("connect", "udp", True): (external_dns, doq, httpdns, blocked_ip),
+    ("connect", "quic", False): (doq, no_dns),
+    ("connect", "quic", True): (doq, httpdns, blocked_ip),
+    ("hello", "tcp", False): (dot, doh_sni, blocked_sni),
+    ("hello", "tcp", True): (dot, doh_sni, doh_ip, blocked_sni),
+    ("hello", "quic", False): (doq, doh_quic, blocked_sni),
+    ("hello", "quic", True): (doq, doh_quic, doh_ip, blocked_sni),
+    ("http", "tcp", False): (httpdns,),
+    ("http", "tcp", True): (httpdns,),
 }
 
 
 def detect(obs: Observation, ctx: Context) -> list[Finding]:
     """Every finding for one observation, each marked alert or counted-only, with the reason."""
     findings = []
-    for d in BY_KIND.get((obs.kind, obs.transport), ORDER):
+    ranged = ctx.ranges.get(obs.version, obs.server) != ()
+    for d in BY_KIND.get((obs.kind, obs.transport, ranged), ORDER):
         f = d(obs, ctx)
         if f is not None:
             findings.append(f)

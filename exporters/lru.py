@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+_get = dict.get                # OrderedDict's own get (no super() call on the hot path)
+
 
 class LRU(OrderedDict):
     """OrderedDict with a size limit; `get` and `put` refresh an entry; `evicted` counts drops."""
@@ -14,7 +16,7 @@ class LRU(OrderedDict):
         self.evicted = 0
 
     def get(self, key, default=None):
-        value = super().get(key, default)
+        value = _get(self, key, default)
         if value is not default:
             self.move_to_end(key)
         return value

@@ -6,9 +6,11 @@ No scapy here: one frame is a few struct reads and slices. Anything it cannot re
 from __future__ import annotations
 
 import socket
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from resolver.policy import forget_oldest
 from resolver.wire import WireError, parse_query, read_name
 
 # pcap link types (tcpdump.org/linktypes.html)
@@ -20,6 +22,7 @@ _ONE_QUESTION = b"\0\1\0\0\0\0\0\0"       # QDCOUNT 1, AN, NS and AR 0
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 _V6_EXTENSIONS = {0, 43, 60}        # hop-by-hop, routing, destination options (fragment 44: dropped)
 _VLAN = {0x8100, 0x88A8, 0x9100}
+_V4_ADDRESSES, _PORTS = struct.Struct("!II").unpack_from, struct.Struct("!HH").unpack_from
 
 
 @dataclass(slots=True)
@@ -147,10 +150,9 @@ def addresses(frame: bytes, at: tuple) -> tuple[int, int, int, int, int]:
     addresses as ints: an Observation's fields after its kind and transport."""
     version, o, _, p, _, _ = at
     if version == 4:
-        src, dst = int.from_bytes(frame[o + 12:o + 16], "big"), int.from_bytes(frame[o + 16:o + 20], "big")
-    else:
-        src, dst = int.from_bytes(frame[o + 8:o + 24], "big"), int.from_bytes(frame[o + 24:o + 40], "big")
-    return version, src, dst, frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
+        return (4, *_V4_ADDRESSES(frame, o + 12), *_PORTS(frame, p))
+    return (6, int.from_bytes(frame[o + 8:o + 24], "big"), int.from_bytes(frame[o + 24:o + 40], "big"),
+            *_PORTS(frame, p))
 
 
 def packet_at(frame: bytes, at: tuple, when: float) -> Packet:
@@ -194,6 +196,26 @@ class Observation(NamedTuple):
         return ip_text(self.version, self.server)
 
 
+QUESTIONS, QUESTION_MAX = 16384, 300         # names remembered, of queries up to this many bytes
+_QUESTIONS: dict[bytes | None, str] = {}     # the bytes after a plain query's header -> its name
+
+
+def observation(when: float, kind: str, transport: str, frame: bytes, at: tuple, sni: str | None = None,
+                alpn: tuple[str, ...] = (), name: str | None = None, detail: str = "") -> Observation:
+    """The Observation of a located frame: its addresses and ports (as `addresses` reads them)
+    after kind and transport. Built as the tuple it is, in one call."""
+    version, o, _, p, _, _ = at
+    if version == 4:
+        src, dst = _V4_ADDRESSES(frame, o + 12)
+    else:
+        src, dst = int.from_bytes(frame[o + 8:o + 24], "big"), int.from_bytes(frame[o + 24:o + 40], "big")
+    sport, dport = _PORTS(frame, p)
+    return _tuple_new(Observation, (when, kind, transport, version, src, dst, sport, dport, sni, alpn, name, detail))
+
+
+_tuple_new = tuple.__new__
+
+
 def dns_question(message: bytes) -> str | None:
     """The name a DNS query asks for, or None when it is not a readable query.
 
@@ -202,6 +224,10 @@ def dns_question(message: bytes) -> str | None:
     resolver.wire.parse_query, whose answer (qname or error) this always equals."""
     n = len(message)
     if n >= 17 and not message[2] & 0xF8 and message[4:12] == _ONE_QUESTION:
+        question = message[12:] if n <= QUESTION_MAX else None     # names repeat: short queries
+        name = _QUESTIONS.get(question)                              # are remembered by question
+        if name is not None:
+            return name
         labels = []
         p = 12
         while p < n:
@@ -210,7 +236,12 @@ def dns_question(message: bytes) -> str | None:
                 if p + 5 <= n and p - 12 <= 255:
                     raw = b".".join(labels)
                     if raw.count(b".") == len(labels) - 1 and b"\\" not in raw:
-                        return raw.decode("latin-1").lower()
+                        name = raw.decode("latin-1").lower()
+                        if question is not None:
+                            if len(_QUESTIONS) >= QUESTIONS:
+                                forget_oldest(_QUESTIONS)
+                            _QUESTIONS[question] = name
+                        return name
                 break
             if length > 63:
                 break

@@ -8,12 +8,11 @@ once complete. `protect_initial` builds Initials (tests; checked against RFC 900
 from __future__ import annotations
 
 import functools
+import hmac
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from .tls import MAX_HELLO, ClientHello, TLSError, hello_from_handshake
 
@@ -37,15 +36,15 @@ class Keys:
 
 
 def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
+    """HKDF-Expand-Label (RFC 8446 section 7.1) with SHA-256, for at most 32 bytes: HKDF-Expand's
+    first block, HMAC(secret, info | 0x01), is all of it (the standard library's one-shot HMAC)."""
     full = b"tls13 " + label
     info = length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00"
-    return HKDFExpand(hashes.SHA256(), length, info).derive(secret)
+    return hmac.digest(secret, info + b"\x01", "sha256")[:length]
 
 
 def initial_secret(dcid: bytes, version: int = V1) -> bytes:
-    h = hmac.HMAC(SALTS[version], hashes.SHA256())     # HKDF-Extract
-    h.update(dcid)
-    return h.finalize()
+    return hmac.digest(SALTS[version], dcid, "sha256")     # HKDF-Extract
 
 
 @functools.lru_cache(maxsize=4096)
@@ -63,15 +62,24 @@ def _mask(hp: bytes, sample: bytes) -> bytes:
 
 
 def read_varint(data: bytes, p: int) -> tuple[int, int]:
+    value, end = _varint(data, p)
+    if value < 0:
+        raise QUICError(_PAST_END)
+    return value, end
+
+
+def _varint(data: bytes, p: int) -> tuple[int, int]:
+    """read_varint without raising: (-1, p) when the varint runs past the end."""
     if p >= len(data):
-        raise QUICError("varint past the end")
+        return -1, p
     size = 1 << (data[p] >> 6)
     if p + size > len(data):
-        raise QUICError("varint past the end")
-    value = data[p] & 0x3F
-    for b in data[p + 1:p + size]:
-        value = (value << 8) | b
-    return value, p + size
+        return -1, p
+    return int.from_bytes(data[p:p + size], "big") & _VARINT_VALUE[size], p + size
+
+
+_PAST_END = "varint past the end"
+_VARINT_VALUE = {1: 0x3F, 2: 0x3FFF, 4: 0x3FFFFFFF, 8: 0x3FFFFFFFFFFFFFFF}     # the length bits cleared
 
 
 def varint(value: int) -> bytes:
@@ -95,6 +103,15 @@ class Initial:
 def long_header(data: bytes) -> tuple[int, bytes, bytes, int, int] | None:
     """(version, dcid, scid, packet-number offset, end of packet) of a client Initial at the start of `data`; None for
     any other packet. Raises QUICError when it is an Initial but malformed."""
+    head = _long_header(data)
+    if head.__class__ is str:
+        raise QUICError(head)
+    return head
+
+
+def _long_header(data: bytes) -> tuple[int, bytes, bytes, int, int] | str | None:
+    """long_header, with what is wrong with a malformed Initial returned instead of raised (most
+    long-header datagrams seen are not readable Initials, and raising costs)."""
     if len(data) < 7 or not data[0] & 0x80:
         return None
     version = int.from_bytes(data[1:5], "big")
@@ -103,19 +120,22 @@ def long_header(data: bytes) -> tuple[int, bytes, bytes, int, int] | None:
     p = 5
     dlen = data[p]
     if dlen > 20 or p + 1 + dlen >= len(data):
-        raise QUICError("bad DCID length")
+        return "bad DCID length"
     dcid = data[p + 1:p + 1 + dlen]
     p += 1 + dlen
     slen = data[p]
     if slen > 20 or p + 1 + slen > len(data):
-        raise QUICError("bad SCID length")
+        return "bad SCID length"
     scid = data[p + 1:p + 1 + slen]
     p += 1 + slen
-    token_len, p = read_varint(data, p)
-    p += token_len
-    length, p = read_varint(data, p)
+    token_len, p = _varint(data, p)
+    if token_len < 0:
+        return _PAST_END
+    length, p = _varint(data, p + token_len)
+    if length < 0:
+        return _PAST_END
     if p + length > len(data) or length < 20:
-        raise QUICError("Initial length runs past the datagram")
+        return "Initial length runs past the datagram"
     return version, dcid, scid, p, p + length
 
 
@@ -216,11 +236,8 @@ class CryptoStream:
 
 def first_initial_dcid(datagram: bytes) -> bytes | None:
     """The DCID of a datagram that starts with a client Initial (cheap: no decryption)."""
-    try:
-        head = long_header(datagram)
-    except QUICError:
-        return None
-    return head[1] if head else None
+    head = _long_header(datagram)
+    return head[1] if head and head.__class__ is not str else None
 
 
 def read_datagram(datagram: bytes, stream: CryptoStream | None) -> tuple[CryptoStream, ClientHello | None]:

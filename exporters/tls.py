@@ -6,6 +6,7 @@ in sequence order, up to MAX_HELLO bytes. Errors raise `TLSError`; nothing else 
 """
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
 
 MAX_HELLO = 8192           # bytes of client stream kept per flow; a ClientHello is ~0.5-2.5 KiB
@@ -32,6 +33,12 @@ def looks_like_tls(payload: bytes) -> bool:
 
 def hello_from_records(stream: bytes) -> ClientHello | None:
     """The ClientHello at the start of a TLS client stream; None while more bytes are needed."""
+    if len(stream) >= 9 and stream[0] == 0x16 and stream[1] == 0x03 and stream[5] == 1:
+        # the common case, read in place: one record that holds the whole ClientHello (what the
+        # loop below returns for it: that record's handshake message, parsed)
+        length, size = stream[3] << 8 | stream[4], stream[6] << 16 | stream[7] << 8 | stream[8]
+        if 4 + size <= length <= 18432 and 5 + length <= len(stream) and size <= MAX_HELLO * 4:
+            return parse_client_hello(stream[9:9 + size])
     handshake = bytearray()
     p = 0
     for _ in range(64):
@@ -71,13 +78,12 @@ def parse_client_hello(body: bytes) -> ClientHello:
     """The ClientHello body (after the 4-byte handshake header). Offsets into `body`, checked
     against the end of the field they are in (a field running past it is a TLSError)."""
     n = len(body)
-    p = 34                                   # legacy_version, random
-    for width in (1, 2, 1):                  # session id, cipher suites, compression methods
-        if p + width > n:
-            raise TLSError(_PAST_END)
-        p += width + (body[p] if width == 1 else body[p] << 8 | body[p + 1])
-        if p > n:
-            raise TLSError(_PAST_END)
+    p = 34                                                   # legacy_version, random
+    if p + 1 > n or (p := p + 1 + body[p]) + 2 > n:          # session id
+        raise TLSError(_PAST_END)
+    p += 2 + (body[p] << 8 | body[p + 1])                    # cipher suites
+    if p + 1 > n or (p := p + 1 + body[p]) > n:              # compression methods
+        raise TLSError(_PAST_END)
     if p == n:
         return ClientHello(None)             # no extensions at all
     if p + 2 > n:
@@ -119,13 +125,14 @@ def parse_client_hello(body: bytes) -> ClientHello:
             q, vs_end = d + 1, d + 1 + body[d]
             if vs_end > end:
                 raise TLSError(_PAST_END)
-            versions = tuple(body[i] << 8 | body[i + 1] for i in range(q, q + (vs_end - q) // 2 * 2, 2))
+            versions = _U16[(vs_end - q) // 2](body, q)
         elif etype == EXT_ECH:
             ech = True
     return ClientHello(sni or None, alpn, versions, ech)
 
 
 _PAST_END = "field runs past its end"
+_U16 = [struct.Struct(f"!{i}H").unpack_from for i in range(128)]     # i big-endian 16-bit numbers
 
 
 def _field16(body: bytes, p: int, end: int) -> tuple[int, int]:

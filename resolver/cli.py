@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import re
@@ -23,6 +22,8 @@ def _config(path):
 
 
 def cmd_serve(args) -> int:
+    import asyncio  # here, not at the top: the other commands (sidecar, check) start faster
+
     from .server import serve
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s sinkhole %(levelname)s %(message)s", stream=sys.stderr)
@@ -66,7 +67,9 @@ def _observer(metrics):
 def _worker(config, policy, index: int) -> int:
     """One of --workers N: worker i serves metrics on the metrics port + i and, when the query log
     is a file, writes NAME.workerI.EXT for i > 0 (no two processes rotate one file)."""
+    import asyncio
     import dataclasses
+
     from .server import serve
     metrics = config.metrics
     if metrics is not None and metrics[1] and index:

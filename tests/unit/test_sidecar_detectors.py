@@ -169,6 +169,41 @@ def test_no_dns_quiet_while_learning_and_for_clients_caught_resolving_elsewhere(
     assert eng.counts["no-dns"] == [0, 0, 2]
 
 
+def test_answers_are_learned_in_packet_order_across_runs(tmp_path):
+    """feed_all handles frames sidecar.RUN at a time (flow tables first, then reporting); an
+    answer from our resolver is learned in its place among the observations: the SYN before it is
+    no-dns, the one after it is not, on every side of a run's end; the same rows as frame by frame."""
+    from exporters.sidecar import RUN
+    frames = []
+    for i in range(RUN):
+        server = f"11.0.{i // 250}.{i % 250 + 1}"
+        frames += [syn(DESKTOP, server, 443, sport=2000 + i), answer(DESKTOP, f"s{i}.example.test", [server]),
+                   syn(DESKTOP, server, 443, sport=30000 + i)]
+    batched, one_by_one = engine(tmp_path), engine(tmp_path)
+    rows = batched.feed_all((T0 + i * 0.001, 1, f) for i, f in enumerate(frames))
+    assert rows == [r for i, f in enumerate(frames) for r in one_by_one.feed(T0 + i * 0.001, 1, f)]
+    assert [r["destination"] for r in rows] == [f"11.0.{i // 250}.{i % 250 + 1}" for i in range(RUN)]
+    assert {r["detector"] for r in rows} == {"no-dns"} and batched.counts["no-dns"] == [RUN, 0, 0]
+    assert len(batched.learned.per_client) == RUN and batched.packets == 3 * RUN
+
+
+def test_frames_read_before_an_error_are_handled(tmp_path):
+    """A capture that breaks off (the reader raises) after more than a run of frames: every frame
+    read before the error is counted, observed and reported (alerts written), then the error goes on."""
+    from exporters.capture import CaptureError
+    from exporters.sidecar import RUN
+    eng = engine(tmp_path)
+
+    def frames():
+        for i in range(RUN + 7):
+            yield T0 + i * 0.001, 1, syn(DESKTOP, f"11.1.{i // 250}.{i % 250 + 1}", 443, sport=2000 + i)
+        raise CaptureError("x.pcap: truncated record at byte 99")
+    with pytest.raises(CaptureError):
+        eng.feed_all(frames())
+    assert eng.packets == RUN + 7 and eng.counts["no-dns"] == [RUN + 7, 0, 0]
+    assert len(eng.out.getvalue().splitlines()) == RUN + 7
+
+
 # -- policy, metrics, bounds ---------------------------------------------------------------------
 def test_metrics_count_by_detector_and_group(tmp_path):
     m = SidecarMetrics()
@@ -241,30 +276,34 @@ def test_reload_swaps_policy_and_keeps_the_last_good_one(tmp_path):
 
 
 def test_detect_skips_only_detectors_that_cannot_fire_for_a_kind(eng):
-    """detect() runs BY_KIND[(kind, transport)], not ORDER: every detector left out for a kind and
-    transport must return None for every observation of them (all ports, names, ALPNs, servers)."""
+    """detect() runs BY_KIND[(kind, transport, ranged)], not ORDER: every detector left out for a
+    kind, transport and server in or outside the services' ip_ranges must return None for every
+    observation of them (all ports, names, ALPNs, servers)."""
     import ipaddress
     import itertools
 
     from exporters.detectors import BY_KIND, ORDER
     from exporters.packets import Observation
     ctx = eng.ctx
-    assert set(BY_KIND) == {("connect", "tcp"), ("connect", "udp"), ("connect", "quic"), ("hello", "tcp"),
-                            ("hello", "quic"), ("http", "tcp")}
+    kinds = {("connect", "tcp"), ("connect", "udp"), ("connect", "quic"), ("hello", "tcp"), ("hello", "quic"),
+             ("http", "tcp")}
+    assert set(BY_KIND) == {(k, t, ranged) for k, t in kinds for ranged in (False, True)}
     for key in BY_KIND:
         assert [d for d in ORDER if d in BY_KIND[key]] == list(BY_KIND[key])     # ORDER kept
     servers = [ipaddress.ip_address(a) for a in (DOH_IP, HTTPDNS_IP, CHAT_IP, WEB_IP, RESOLVER, DOH_IP6, WEB_IP6)]
+    assert {bool(ctx.ranges.get(s.version, int(s))) for s in servers} == {False, True}
     names = [None, "dns.doh.test", "web.chat.test", "www.example.test"]
     fired = set()
     for (kind, transport), port, server, name, alpn, detail in itertools.product(
-            BY_KIND, (53, 80, 443, 853), servers, names,
+            sorted(kinds), (53, 80, 443, 853), servers, names,
             ((), ("dot",), ("doq",), ("h3",)), ("", "/dns-query?dns=x", "/d?dn=a.test")):
         client = ipaddress.ip_address(DESKTOP6 if server.version == 6 else DESKTOP)
         obs = Observation(T0 + 10, kind, transport, server.version, int(client), int(server), 40000, port,
                           sni=name, alpn=alpn, name=name, detail=detail)
+        selected = BY_KIND[(kind, transport, bool(ctx.ranges.get(server.version, int(server))))]
         for d in ORDER:
             found = d(obs, ctx)
-            if d not in BY_KIND[(kind, transport)]:
+            if d not in selected:
                 assert found is None, (d.__name__, obs)
             elif found is not None:
                 fired.add((kind, d.__name__))

@@ -11,7 +11,8 @@ from scapy.layers.inet import IP, TCP, UDP  # noqa: E402
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment  # noqa: E402
 from scapy.layers.l2 import Dot1Q, Ether  # noqa: E402
 
-from exporters.packets import LINKTYPE_RAW, dns_addresses, dns_question, parse  # noqa: E402
+from exporters.packets import (LINKTYPE_RAW, Observation, addresses, dns_addresses, dns_question,  # noqa: E402
+                               locate, observation, parse)
 from sidecar_frames import dns_answer, dns_query, frame, syn, tcp_data, udp  # noqa: E402
 
 
@@ -34,6 +35,11 @@ def test_headers_are_read_like_scapy_wrote_them(raw, want):
     p = parse(raw, 1, 5.0)
     assert (p.src_ip, p.dst_ip, p.proto, p.sport, p.dport, p.syn, p.payload) == want
     assert p.time == 5.0
+    at = locate(raw, 1)
+    obs = observation(5.0, "hello", "tcp", raw, at, "a.test", ("h2",), "n.test", "/x")
+    assert obs == Observation(5.0, "hello", "tcp", *addresses(raw, at), "a.test", ("h2",), "n.test", "/x")
+    assert type(obs) is Observation and (obs.client_ip, obs.server_ip, obs.server_port) == (want[0], want[1], want[4])
+    assert observation(5.0, "connect", "udp", raw, at) == Observation(5.0, "connect", "udp", *addresses(raw, at))
 
 
 def test_raw_ip_linktype_and_ethernet_trailer_padding():
@@ -77,7 +83,7 @@ def test_dns_question_and_answers():
 def test_dns_question_fast_path_equals_parse_query():
     """dns_question reads a plain query itself; on 20,000 mutated queries (flags, counts, label
     lengths, dots and backslashes in labels, truncation, case) it must equal parse_query's qname,
-    or None where parse_query raises."""
+    or None where parse_query raises, also when the same question comes again."""
     from resolver.wire import WireError, parse_query
     rng = random.Random(11)
     bases = [dns_query(n) for n in ("Chat.Test.", "a.b.c.example.org.", "x.", "web.whatsapp.com.")]
@@ -95,6 +101,7 @@ def test_dns_question_fast_path_equals_parse_query():
         except (WireError, IndexError, ValueError, UnicodeError):
             want = None
         assert dns_question(q) == want, q
+        assert dns_question(q) == want, q   # again: now maybe from the names remembered by question
         fast += want is not None and q[4:12] == b"\0\1\0\0\0\0\0\0"
     assert fast > 1000                      # the fast path was taken, not only parse_query
 

@@ -124,7 +124,7 @@ def test_fast_path_and_reader_give_what_the_full_path_gives(tmp_path, kind, name
     fast = engine(tmp_path, started=T0)
     full = engine(tmp_path, started=T0)
     full.triage = False
-    fast_rows = [r for t, lt, f in read for r in fast.feed(t, lt, f)]
+    fast_rows = fast.feed_all(read)             # one loop, observations reported in batches
     full_rows = [r for t, f in zip(times, frames) for r in full.feed(t, 1, f)]
     assert fast_rows == full_rows
     assert sorted(r["detector"] for r in fast_rows) == sorted(CASES[name][1])
@@ -182,6 +182,23 @@ def test_nanosecond_and_big_endian_pcap(tmp_path):
                 + struct.pack(endian + "IIII", 7, frac, len(f), len(f)) + f)
         (tmp_path / "x.pcap").write_bytes(data)
         assert [(round(t, 9), lt, fr) for t, lt, fr in read_pcap(str(tmp_path / "x.pcap"))] == [(want, 1, f)]
+
+
+def test_records_longer_than_one_read(tmp_path):
+    """Frames up to the largest snap length (262,144 bytes), many times the reader's read size,
+    among small ones, in pcap and pcapng, with a large pcapng block that is not a packet."""
+    from exporters.capture import _CHUNK
+    small = udp(DESKTOP, "192.0.2.1", 53, b"q")
+    frames = [small, small[:14] + bytes(3 * _CHUNK + 5), small, small[:14] + bytes((1 << 18) - 14), small]
+    pcap = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 1 << 18, 1) + b"".join(
+        struct.pack("<IIII", i, 0, len(f), len(f)) + f for i, f in enumerate(frames))
+    (tmp_path / "x.pcap").write_bytes(pcap)
+    shb = _pcapng_block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+    idb = _pcapng_block(1, struct.pack("<HHI", 1, 0, 1 << 18))
+    epbs = [_pcapng_block(6, struct.pack("<IIIII", 0, 0, i * 10**6, len(f), len(f)) + f) for i, f in enumerate(frames)]
+    (tmp_path / "x.pcapng").write_bytes(shb + idb + epbs[0] + _pcapng_block(0x0BAD, bytes(5 * _CHUNK)) + b"".join(epbs[1:]))
+    for name in ("x.pcap", "x.pcapng"):
+        assert [(t, f) for t, _, f in read_pcap(str(tmp_path / name))] == [(float(i), f) for i, f in enumerate(frames)]
 
 
 def test_damaged_captures_are_named_errors(tmp_path):
