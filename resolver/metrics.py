@@ -122,31 +122,23 @@ class PrometheusObserver:
                RCODES.get(outcome.rcode, "other"), service)
         return self._signatures.setdefault(sig, sig)
 
-    def count(self, sig: tuple, duration: float) -> None:
-        # one plain dict increment: no lock and no object per query (the scrape builds the families)
+    def count(self, sig: tuple, duration: float, n: int = 1) -> None:
+        # plain dict increments: no lock and no object per query (the scrape builds the families)
         counts = self.hot.signatures
-        counts[sig] = counts.get(sig, 0) + 1
+        counts[sig] = counts.get(sig, 0) + n
         action = sig[2]
         if action == "dropped":
             return                      # no answer: counted by dropped()
         buckets = self.hot.duration.get(action) or self.hot.new_action(action)
-        buckets[bisect_left(QUERY_BUCKETS, duration)] += 1
-        buckets[-1] += duration
+        buckets[bisect_left(QUERY_BUCKETS, duration)] += n
+        buckets[-1] += duration * n
 
     def count_many(self, sigs: list, duration: float) -> None:
-        # a UDP batch: its answers share one duration, so each signature and each action's bucket
-        # is touched once per batch (collections.Counter counts the list in C)
-        if not sigs:
-            return
-        counts, durations = self.hot.signatures, self.hot.duration
+        # a UDP batch: its answers share one duration, so each signature is counted once per batch
+        # with how often it came (collections.Counter counts the list in C)
+        count = self.count
         for sig, n in TallyCounter(sigs).items():
-            counts[sig] = counts.get(sig, 0) + n
-            action = sig[2]
-            if action == "dropped":
-                continue
-            buckets = durations.get(action) or self.hot.new_action(action)
-            buckets[bisect_left(QUERY_BUCKETS, duration)] += n
-            buckets[-1] += duration * n
+            count(sig, duration, n)
 
     def query(self, outcome, duration: float) -> None:
         self.count(self.signature(outcome), duration)

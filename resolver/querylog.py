@@ -4,9 +4,9 @@ The serving thread formats each line (a UDP batch's lines at once, with one join
 time and a duration) into a short list; every CHUNK lines (and every FLUSH_INTERVAL, from the
 server's event loop) it joins them into one block of bytes and queues the block. A writer thread
 of its own only writes blocks: it needs the interpreter for a few bytecodes per block, not per
-line, so it hardly competes with the serving thread for it. If the queue is full (a slow, stalled or full disk) the lines are
-dropped and counted, and the answers go out regardless; a failed write drops exactly the lines it
-held, and those are counted too.
+line, so it hardly competes with the serving thread for it. If the queue is full (a slow, stalled
+or full disk) the lines are dropped and counted, and the answers go out regardless; a failed write
+drops exactly the lines it held, and those are counted too.
 
 Fields: time (UTC, ms), client (the address policy used: the ECS address behind a trusted
 forwarder), group, qname, qtype, decision, service, rule (path:line), exemption (id), rcode,

@@ -215,8 +215,7 @@ class Server:
         begin, forward_type, ctx, cache = core.begin, core.Forward, self.ctx, self.cache
         perf, clock, ratelimit = time.perf_counter, self.clock, self.ratelimit
         observer, querylog = self.observer, self.querylog
-        count_many, write_many, observe, log_query = (observer.count_many, querylog.write_many,
-                                                      observer.query, querylog.log)
+        count_many, write_many, account = observer.count_many, querylog.write_many, self._account
         signature, middle, client_field = observer.signature, querylog.middle, querylog.client
         acquire, release = self.lock.acquire, self.lock.release
         loop, handoff = self._loop, self._udp_handoff
@@ -274,24 +273,20 @@ class Server:
                         loop.call_soon_threadsafe(handoff, sock, step, address(ref), policy, started, now)
                         continue
                     reply, outcome = step
-                    if reply is None:
-                        observe(outcome, perf() - started)
-                        if outcome.action == "dropped":
-                            observer.dropped("malformed")
-                        else:
-                            log_query(now, outcome, perf() - started)
+                    if reply is None:           # dropped, or nothing safe to answer with
+                        others.append(outcome)
                         continue
                     if len(reply) > outcome.udp_limit:
                         reply = truncate(reply, outcome.udp_limit)
-                    replies.append((reply, ref))
+                    reply_to((reply, ref))
                     if outcome.reuse_until > now and answers_max:
                         # kept, then counted and logged from what was kept, as its reuses will be
                         sig, tail = signature(outcome), middle(outcome)
                         policy.remember(client, outcome.group, data[2:],
                                         (reply[2:], outcome.reuse_until, sig, tail, outcome.action == "cached"),
                                         answers_max)
-                        sigs.append(sig)
-                        tails.append(field + tail)
+                        count_as(sig)
+                        log_as(field + tail)
                     else:
                         others.append(outcome)
                 send(replies)
@@ -302,8 +297,7 @@ class Server:
                     cache.hits += hits
                     cache.requests += hits
                 for outcome in others:
-                    observe(outcome, duration)
-                    log_query(now, outcome, duration)
+                    account(now, outcome, duration)
             finally:
                 release()
 
@@ -350,11 +344,16 @@ class Server:
     def _done(self, now: float, outcome, started: float) -> None:
         duration = time.perf_counter() - started
         with self.lock:
-            self.observer.query(outcome, duration)
-            if outcome.action != "dropped":
-                self.querylog.log(now, outcome, duration)
-            else:
-                self.observer.dropped("malformed")
+            self._account(now, outcome, duration)
+
+    def _account(self, now: float, outcome, duration: float) -> None:
+        """Count and log one Outcome (the caller holds self.lock); a dropped packet is counted as
+        malformed and not logged."""
+        self.observer.query(outcome, duration)
+        if outcome.action != "dropped":
+            self.querylog.log(now, outcome, duration)
+        else:
+            self.observer.dropped("malformed")
 
     # -- TCP -----------------------------------------------------------------------------------
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

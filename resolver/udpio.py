@@ -108,7 +108,6 @@ class BatchIO:
                 msgs[8 * i + 1] = NAMELEN
                 msgs[8 * i + 2] = iov + 16 * i
                 msgs[8 * i + 3] = 1
-        self._names_at = names
         self._rmsg_at, self._smsg_at = ctypes.addressof(self._rmsg), ctypes.addressof(self._smsg)
         self._rdata = memoryview(self._rbuf).cast("B")
         self._sdata = memoryview(self._sbuf).cast("B")
@@ -166,7 +165,7 @@ class BatchIO:
         base = _NAME_STRIDE * ref
         raw = bytes(self._name_bytes[base:base + NAMELEN])
         port = int.from_bytes(raw[2:4], "big")
-        if self.family == socket.AF_INET:
+        if self._v4:
             return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
         return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port,
                 int.from_bytes(raw[4:8], "big"), int.from_bytes(raw[24:28], sys.byteorder))
