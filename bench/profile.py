@@ -147,8 +147,8 @@ def stages(names: int, iterations: int, seed: int) -> dict:
         for d, (reply, out) in zip(bq, out_b):
             policy.remember(desktop, out.group, d[2:], (reply[2:], out.reuse_until, sig, middle, False))
         tables = policy.answer_tables
-        t("reused answer: two dict lookups, ID spliced in",
-          lambda d: d[:2] + tables.get(desktop).get(d[2:])[0], bq, "both")
+        t("reused answer: two dict lookups (the ID goes in at send)",
+          lambda q: tables.get(desktop).get(q)[0], [d[2:] for d in bq], "both")
         # per batch of BATCH answers (Server._udp_loop), shown per answer
         field = QueryLog.client(desktop)
         batches = [None] * max(1, k // BATCH)
@@ -169,7 +169,7 @@ def stages(names: int, iterations: int, seed: int) -> dict:
             for d in bq[:BATCH]:
                 sa.sendto(d, addr_b)
             got = io.receive()
-            io.send([(data, ref) for data, _, ref in got])
+            io.send((), [(question, ref) for question, _, ref in got])     # as reused answers
             for _ in got:
                 sa.recv(65535)
         t_batch(f"{type(io).__name__}: receive() + send(), one batch of loopback datagrams "

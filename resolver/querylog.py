@@ -171,13 +171,15 @@ class QueryLog:
             self._wake.clear()
             while blocks:
                 data, count = blocks.popleft()
-                self._write(data)
+                self._write(data, count)
                 self._taken += count
             with self._progress:
                 self._progress.notify_all()
 
-    def _write(self, data: bytes) -> None:
-        """Write one block, rotating by size between lines; count the lines that did not make it."""
+    def _write(self, data: bytes, count: int) -> None:
+        """Write one block of `count` lines, rotating by size between lines; count the lines that
+        did not make it."""
+        block = data
         while data:
             try:
                 fd = self._open()
@@ -206,7 +208,8 @@ class QueryLog:
                 self._lost(part.count(b"\n") - whole + data.count(b"\n"), e)
                 return
             self._size += done
-            self.written += part.count(b"\n")
+            # a block written whole needs no counting (bytes.count was 2 % of a busy server)
+            self.written += count if part is block else part.count(b"\n")
             if data:
                 self._rotate()
         if self._failing:

@@ -211,7 +211,7 @@ class Server:
         receiving the batch to having sent it). This is the resolver's hot loop; names are bound
         locally and the path for a reused answer (Policy.remember) is written out."""
         io = udp_io(sock, self.config.udp.batch)
-        receive, send, address = io.receive, io.send, io.address
+        receive, send, address, query = io.receive, io.send, io.address, io.query
         begin, forward_type, ctx, cache = core.begin, core.Forward, self.ctx, self.cache
         perf, clock, ratelimit = time.perf_counter, self.clock, self.ratelimit
         observer, querylog = self.observer, self.querylog
@@ -232,15 +232,15 @@ class Server:
                 return
             started = perf()
             now = clock()
-            replies, sigs, tails, others = [], [], [], []
-            reply_to, count_as, log_as = replies.append, sigs.append, tails.append
+            replies, reused, sigs, tails, others = [], [], [], [], []
+            reply_to, reuse, count_as, log_as = replies.append, reused.append, sigs.append, tails.append
             hits, last, field, table = 0, None, "", None
             acquire()
             try:
                 policy = self.policy    # read once: this batch uses this snapshot to the end
                 tables = policy.answer_tables
-                for data, client, ref in batch:
-                    if ratelimit is not None and self._rate_limited(io, data, client, ref, now):
+                for question, client, ref in batch:
+                    if ratelimit is not None and self._rate_limited(io, client, ref, now):
                         continue
                     if client is not last:      # udpio hands out one string per address
                         last, field, table = client, fields.get(client), tables.get(client)
@@ -249,18 +249,18 @@ class Server:
                                 fields.clear()
                             field = fields[client] = client_field(client)
                     if table is not None:
-                        ready = table.get(data[2:])
+                        ready = table.get(question)
                         if ready is not None:
                             body, until, sig, tail, cached = ready
                             if until > now:
-                                reply_to((data[:2] + body, ref))
+                                reuse((body, ref))      # sent behind the query's ID
                                 count_as(sig)
                                 log_as(field + tail)
                                 hits += cached
                                 continue
                     last = None                 # what follows may give this client a table
                     try:
-                        step = begin(data, client, policy, ctx, now)
+                        step = begin(query(ref), client, policy, ctx, now)
                     except Exception:   # a bug must cost one answer, never the server
                         log.exception("query from %s failed", client)
                         observer.dropped("internal")
@@ -282,14 +282,14 @@ class Server:
                     if outcome.reuse_until > now and answers_max:
                         # kept, then counted and logged from what was kept, as its reuses will be
                         sig, tail = signature(outcome), middle(outcome)
-                        policy.remember(client, outcome.group, data[2:],
+                        policy.remember(client, outcome.group, question,
                                         (reply[2:], outcome.reuse_until, sig, tail, outcome.action == "cached"),
                                         answers_max)
                         count_as(sig)
                         log_as(field + tail)
                     else:
                         others.append(outcome)
-                send(replies)
+                send(replies, reused)
                 duration = perf() - started
                 count_many(sigs, duration)
                 write_many(now, duration, tails)
@@ -301,14 +301,14 @@ class Server:
             finally:
                 release()
 
-    def _rate_limited(self, io, data: bytes, client: str, ref, now: float) -> bool:
+    def _rate_limited(self, io, client: str, ref, now: float) -> bool:
         """UDP only (a TCP client's address cannot be spoofed): True when this query is over the
         client's limit; it then gets an empty TC answer now and then (slip), else nothing."""
         verdict = self.ratelimit.check(client, now)
         if verdict == PASS:
             return False
         self.observer.dropped("ratelimit")
-        if verdict == SLIP and (reply := slip_answer(data)) is not None:
+        if verdict == SLIP and (reply := slip_answer(io.query(ref))) is not None:
             io.send([(reply, ref)])
         return True
 

@@ -6,9 +6,13 @@ and one sends every answer of the batch, so the per-packet cost of a system call
 socket wrapper is paid once per batch. PlainIO is recvfrom/sendto, one datagram per batch: for
 systems without recvmmsg, and for `udp: {batch: 1}` in sinkhole.yaml.
 
-Both offer the same three calls to the server's loop:
-  receive()       -> [(data, client, ref)], or None once the socket is shut down; raises OSError
-  send(replies)   replies: [(answer bytes, ref)]; failures are dropped datagrams, never errors
+Both offer the same calls to the server's loop:
+  receive()       -> [(question, client, ref)], or None once the socket is shut down; raises
+                  OSError. `question` is the datagram without its first two bytes (the ID): what
+                  a remembered answer is found by (Policy.remember)
+  query(ref)      -> the whole datagram
+  send(replies, reused=())  replies: [(answer bytes, ref)]; reused: [(answer without its ID, ref)],
+                  sent behind the query's own ID. Failures are dropped datagrams, never errors
   address(ref)    -> the sender's address tuple, as socket.recvfrom would give it
 `client` is the sender's address as a string; `ref` says where its answer goes, good until the
 next receive().
@@ -65,19 +69,28 @@ class PlainIO:
         data, addr = self.sock.recvfrom(65535)
         if addr is None:                # shutdown() woke the thread
             return None
-        return [(data, addr[0], addr)]
+        return [(data[2:], addr[0], (addr, data))]
 
-    def send(self, replies) -> None:
+    def send(self, replies, reused=()) -> None:
         sendto = self.sock.sendto
-        for reply, addr in replies:
+        for reply, (addr, _) in replies:
             try:
                 sendto(reply, _MSG_DONTWAIT, addr)
             except OSError:
                 pass                    # the client is gone or the buffer is full: nothing to do
+        for body, (addr, query) in reused:
+            try:
+                sendto(query[:2] + body, _MSG_DONTWAIT, addr)
+            except OSError:
+                pass
 
     @staticmethod
     def address(ref):
-        return ref
+        return ref[0]
+
+    @staticmethod
+    def query(ref) -> bytes:
+        return ref[1]
 
 
 class BatchIO:
@@ -111,6 +124,8 @@ class BatchIO:
         self._rmsg_at, self._smsg_at = ctypes.addressof(self._rmsg), ctypes.addressof(self._smsg)
         self._rdata = memoryview(self._rbuf).cast("B")
         self._sdata = memoryview(self._sbuf).cast("B")
+        self._rids = memoryview(self._rbuf).cast("B").cast("H")        # 16-bit views: a query's ID
+        self._sids = memoryview(self._sbuf).cast("B").cast("H")        # goes to its answer as is
         self._name_bytes = memoryview(self._names).cast("B")
         self._rwords = memoryview(self._rmsg).cast("B").cast("I")      # 32-bit view: lengths, flags
         self._swords = memoryview(self._smsg).cast("B").cast("Q")
@@ -146,8 +161,16 @@ class BatchIO:
             if words[w + 12] & _MSG_TRUNC:      # longer than SLOT: no DNS query we answer; as b""
                 out.append((b"", client, i))    # it is dropped and counted as malformed
                 continue
-            out.append((bytes(data[start:start + words[w + 14]]), client, i))
+            out.append((bytes(data[start + 2:start + words[w + 14]]), client, i))
         return out
+
+    def query(self, ref: int) -> bytes:
+        """Datagram `ref` of the last batch, whole (b"" for one longer than SLOT)."""
+        w = 16 * ref
+        if self._rwords[w + 12] & _MSG_TRUNC:
+            return b""
+        start = SLOT * ref
+        return bytes(self._rdata[start:start + self._rwords[w + 14]])
 
     def _client(self, key: int) -> str:
         clients = self._clients
@@ -170,25 +193,41 @@ class BatchIO:
         return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port,
                 int.from_bytes(raw[4:8], "big"), int.from_bytes(raw[24:28], sys.byteorder))
 
-    def send(self, replies) -> None:
+    def send(self, replies, reused=()) -> None:
         data, lens, words, name_at = self._sdata, self._slens, self._swords, self._name_at
         slots = iter(self._sslots)
         k = 0
         for reply, ref in replies:
             size = len(reply)
             if size > SLOT:             # a large EDNS answer: on its own
-                try:
-                    self.sock.sendto(reply, _MSG_DONTWAIT, self.address(ref))
-                except OSError:
-                    pass
+                self._send_alone(reply, ref)
                 continue
             start, length_at, msg_at = next(slots)
             data[start:start + size] = reply
             lens[length_at] = size
             words[msg_at] = name_at[ref]
             k += 1
+        if reused:
+            rids, sids = self._rids, self._sids
+            for body, ref in reused:
+                size = len(body) + 2
+                if size > SLOT:
+                    self._send_alone(self.query(ref)[:2] + body, ref)
+                    continue
+                start, length_at, msg_at = next(slots)
+                sids[start >> 1] = rids[ref * SLOT >> 1]
+                data[start + 2:start + size] = body
+                lens[length_at] = size
+                words[msg_at] = name_at[ref]
+                k += 1
         done, tries = 0, 0
         while done < k and tries < k:   # a datagram that cannot go (EAGAIN, EPERM) is skipped
             tries += 1
             sent = self._send(self._fd, self._smsg_at + 64 * done, k - done, _MSG_DONTWAIT)
             done += sent if sent > 0 else 1
+
+    def _send_alone(self, reply: bytes, ref: int) -> None:
+        try:
+            self.sock.sendto(reply, _MSG_DONTWAIT, self.address(ref))
+        except OSError:
+            pass

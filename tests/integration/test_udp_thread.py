@@ -128,7 +128,7 @@ class Counted:
 
     def __init__(self, io, sizes: list[int]):
         self.io, self.sizes = io, sizes
-        self.send, self.address = io.send, io.address
+        self.send, self.address, self.query = io.send, io.address, io.query
 
     def receive(self):
         batch = self.io.receive()

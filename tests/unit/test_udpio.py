@@ -60,12 +60,15 @@ def make_io(kind: str, sock: socket.socket):
 
 def receive_all(io, count: int) -> list[list]:
     """receive() until `count` datagrams are in (bounded): the batches, each entry as
-    (data, client, ref, address(ref)) since a BatchIO ref holds only until the next receive()."""
+    (query(ref), client, ref, address(ref)) since a BatchIO ref holds only until the next
+    receive(); each question is its datagram without the first two bytes."""
     batches, got = [], 0
     for _ in range(count):
         batch = io.receive()
         assert batch is not None, "receive() gave None on an open socket"
-        batches.append([(data, client, ref, io.address(ref)) for data, client, ref in batch])
+        for question, _, ref in batch:
+            assert question == io.query(ref)[2:]
+        batches.append([(io.query(ref), client, ref, io.address(ref)) for _, client, ref in batch])
         got += len(batch)
         if got >= count:
             break
@@ -117,7 +120,7 @@ def test_an_empty_datagram_is_data_not_the_end(kind, host, sockets):
     io.send([(b"still here", ref)])
     assert client.recv(64) == b"still here"
     client.sendto(b"next", server.getsockname())
-    assert [entry[0] for entry in io.receive()] == [b"next"]
+    assert [(question, io.query(ref)) for question, _, ref in io.receive()] == [(b"xt", b"next")]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -142,6 +145,29 @@ def test_send_takes_each_answer_to_its_client(kind, host, sockets):
     nothing_more(*clients)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_reused_answers_go_out_behind_their_querys_id(kind, host, sockets):
+    """send(replies, reused): a reused answer is sent as its query's first two bytes (the ID)
+    followed by the body, beside whole answers in the same call, and one too long for a slot on
+    its own."""
+    server = sockets()
+    io = make_io(kind, server)
+    clients = [sockets() for _ in range(3)]
+    queries = [b"\x12\x34 question", b"\xab\xcd other", b"\x00\x07 long"]
+    for c, q in zip(clients, queries):
+        c.sendto(q, server.getsockname())
+    settled(host)
+    got = [entry for batch in receive_all(io, 3) for entry in batch]
+    refs = {data: ref for data, _, ref, _ in got}
+    long_body = b"L" * (SLOT - 1)                   # with the ID one byte over a slot
+    io.send([(b"whole answer", refs[queries[1]])],
+            [(b" body", refs[queries[0]]), (long_body, refs[queries[2]])])
+    assert clients[0].recv(65535) == b"\x12\x34 body"
+    assert clients[1].recv(65535) == b"whole answer"
+    assert clients[2].recv(65535) == b"\x00\x07" + long_body
+    nothing_more(*clients)
+
+
 @needs_mmsg
 def test_a_datagram_longer_than_a_slot_comes_as_empty(host, sockets):
     """Cut to SLOT by the kernel, it is handed on as b"": the server drops it as malformed and
@@ -154,7 +180,9 @@ def test_a_datagram_longer_than_a_slot_comes_as_empty(host, sockets):
     long.sendto(b"F" * SLOT, server.getsockname())  # a full slot is still whole
     settled(host)
     batch = io.receive()
-    assert [(data, client) for data, client, _ in batch] == [(b"", host), (b"short", host), (b"F" * SLOT, host)]
+    assert [(io.query(ref), client) for _, client, ref in batch] == [(b"", host), (b"short", host),
+                                                                     (b"F" * SLOT, host)]
+    assert [question for question, _, _ in batch] == [b"", b"ort", b"F" * (SLOT - 2)]
     assert [io.address(ref)[:2] for _, _, ref in batch] == [long.getsockname()[:2], short.getsockname()[:2],
                                                             long.getsockname()[:2]]
     batch = batch[1:]
