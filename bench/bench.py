@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 
 import dnsperf  # noqa: E402
 import workload as wl  # noqa: E402
-from procs import (Dnsmasq, PyRaw, Sinkhole, Unbound, Upstream, metrics_available, pinning,  # noqa: E402
+from procs import (Dnsmasq, HaltPoll, PyRaw, Sinkhole, Unbound, Upstream, metrics_available, pinning,  # noqa: E402
                    probe, quiet_gate, rss_mib, workers_supported)
 
 SERVER_CPU, CLIENT_CPU = 1, 0
@@ -391,7 +391,7 @@ def render(result: dict) -> str:
     lines = [f"Run {meta['started']} on {meta['versions']['cpu']} ({meta['versions']['cpus']} CPUs), "
              f"{meta['rounds']} round(s) x {meta['seconds']} s, {meta['names']} blocked names. "
              f"Pinning: {meta['pinning']}. {meta['metrics']}. Query log: on (file). "
-             f"Workers: {meta['workers']}.", ""]
+             f"Workers: {meta['workers']}. Idle CPUs: {meta.get('idle', '-')}.", ""]
     lines.append("| workload | server | q/s (peak) | lost % (peak) | p50 / p99 ms @10k | lost @80 % of ours "
                  "| server CPU µs/q (peak / @80 %) | RSS MiB | query-log lines/answer | clean runs |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -479,6 +479,9 @@ def main(argv=None) -> int:
     p.add_argument("--quiet-limit", type=float, default=0.2, help="cores others may use before a run")
     p.add_argument("--quiet-wait", type=float, default=30, help="at most this long waiting for quiet")
     p.add_argument("--foreign-limit", type=float, default=0.25, help="runs with more foreign CPU are not clean")
+    p.add_argument("--halt-poll-ns", type=int, default=None,
+                   help="root, KVM guests: let idle CPUs poll this long before halting during the run "
+                        "(put back after); shows the latency floor a halted vCPU's wake-up sets")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--results-md", default=str(HERE / "RESULTS.md"), help="'' to skip")
@@ -499,6 +502,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown servers {sorted(unknown)}; choose from {list(SERVERS)}")
     bench = Bench(args)
+    halt_poll = HaltPoll(args.halt_poll_ns)
     started = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     meta = {"started": started, "rounds": args.rounds, "seconds": args.seconds,
             "latency_seconds": args.latency_seconds, "names": args.names, "allowed": args.allowed,
@@ -506,25 +510,26 @@ def main(argv=None) -> int:
             "workers": (f"--workers {args.workers} run beside one process" if bench.workers_on and args.workers > 1
                         else "one process only (--workers below 2)" if bench.workers_on else
                         "sinkhole serve has no --workers option yet: one process only"),
-            "quiet_limit": args.quiet_limit, "quiet_wait": args.quiet_wait, "foreign_limit": args.foreign_limit,
+            "idle": halt_poll.note, "quiet_limit": args.quiet_limit, "quiet_wait": args.quiet_wait, "foreign_limit": args.foreign_limit,
             "versions": tool_versions(), "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
             "workloads": {w: WORKLOADS[w][1] for w in args.workloads},
             "dnsperf": "-c 4 -q 100 -t 2; peak: no -Q; lat10k: -Q 10000 -v; at80: -Q 0.8 x sinkhole's peak"}
     bench.log(f"workdir {bench.tmp}; {bench.pin_note}; {bench.metrics_note}; {meta['workers']}")
     scale = None
     try:
-        bench.prepare()
-        bench.start_servers()
-        servers = {name: {"ready_s": round(s.ready_s, 3), "rss_loaded_mib": round(s.rss_loaded, 1),
-                          "rss_end_mib": None} for name, s in bench.servers.items()}
-        bench.rounds()
-        for name, s in bench.servers.items():
-            servers[name]["rss_end_mib"] = round(rss_mib(s.pids()), 1)
-            servers[name]["peak_rss_mib"] = round(rss_mib(s.pids(), "VmHWM"), 1)
-        for name in list(bench.servers):
-            bench.servers.pop(name).stop()
-        if not args.no_scale:
-            scale = bench.scale()
+        with halt_poll:
+            bench.prepare()
+            bench.start_servers()
+            servers = {name: {"ready_s": round(s.ready_s, 3), "rss_loaded_mib": round(s.rss_loaded, 1),
+                              "rss_end_mib": None} for name, s in bench.servers.items()}
+            bench.rounds()
+            for name, s in bench.servers.items():
+                servers[name]["rss_end_mib"] = round(rss_mib(s.pids()), 1)
+                servers[name]["peak_rss_mib"] = round(rss_mib(s.pids(), "VmHWM"), 1)
+            for name in list(bench.servers):
+                bench.servers.pop(name).stop()
+            if not args.no_scale:
+                scale = bench.scale()
     finally:
         bench.stop_servers()
         if not args.keep:

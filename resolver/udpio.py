@@ -24,7 +24,8 @@ import os
 import socket
 import sys
 
-SLOT = 4096                     # bytes per datagram in the buffers: a longer query is not DNS we answer
+SLOT = 4096                     # bytes per datagram in the buffers: a longer query is not DNS we
+                                # answer; either IO hands it on as b"" (dropped, counted malformed)
 NAMELEN = 28                    # sizeof(struct sockaddr_in6), which holds a sockaddr_in too
 _NAME_STRIDE = 32
 _MSG_TRUNC = 0x20
@@ -66,9 +67,11 @@ class PlainIO:
         self.sock = sock
 
     def receive(self):
-        data, addr = self.sock.recvfrom(65535)
+        data, addr = self.sock.recvfrom(SLOT + 1)
         if addr is None:                # shutdown() woke the thread
             return None
+        if len(data) > SLOT:            # as BatchIO: no DNS query we answer is this long
+            data = b""
         return [(data[2:], addr[0], (addr, data))]
 
     def send(self, replies, reused=()) -> None:
