@@ -40,6 +40,12 @@ class Cache:
         age = int(now - stored)
         return reply, age, min(stored + age + 1, expires)
 
+    def reused(self, n: int) -> None:
+        """Count `n` lookups answered from the cache by way of remembered answers (the server's UDP
+        loop reuses a cache hit's finished answer until its TTLs tick down; each reuse is a hit)."""
+        self.requests += n
+        self.hits += n
+
     def get_stale(self, key: bytes, now: float) -> Reply | None:
         """An expired answer still inside the serve-stale window (used only when upstreams fail)."""
         entry = self._entries.get(key)

@@ -294,8 +294,7 @@ class Server:
                 count_many(sigs, duration)
                 write_many(now, duration, tails)
                 if hits:
-                    cache.hits += hits
-                    cache.requests += hits
+                    cache.reused(hits)
                 for outcome in others:
                     account(now, outcome, duration)
             finally:

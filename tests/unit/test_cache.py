@@ -119,3 +119,14 @@ def test_stale_answers_only_inside_the_window():
     no_stale = Cache()
     no_stale.put(key, r, T0)
     assert no_stale.get_stale(key, T0 + 61) is None
+
+
+def test_reused_answers_count_as_lookups_that_hit():
+    c = Cache()
+    key, r = reply()
+    c.put(key, r, T0)
+    c.get(key, T0)
+    c.get(b"other", T0)
+    assert (c.requests, c.hits) == (2, 1)
+    c.reused(5)
+    assert (c.requests, c.hits) == (7, 6)
