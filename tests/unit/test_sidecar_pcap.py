@@ -86,6 +86,8 @@ def _state(eng: Engine):
             return v
         if isinstance(v, quic.CryptoStream):
             return ("quic", v.keys, dict(v.chunks))
+        if isinstance(v, int):                   # a SYN's stream start: a Reassembly with nothing yet
+            return ("tcp", v, b"", {})
         return ("tcp", v.base, bytes(v.data), dict(v.pending))
     tables = [[(k, show(v)) for k, v in t.items()] for t in (eng.tcp, eng.quic, eng.udp)]
     return tables, eng.counts, eng.packets, eng.unparsed, list(eng.learned.per_client.items())
