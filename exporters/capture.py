@@ -90,10 +90,11 @@ def read_pcap_runs(path: str) -> Iterator[list[tuple[float, int, bytes]]]:
         scale = 1e-9 if kind == "ns" else 1e-6
         record = struct.Struct(endian + "III4x").unpack_from      # seconds, fraction, captured length
         buf, pos, base = b"", 0, 24                  # base: file offset of buf[0]
+        carried = []                                 # the record that straddled two reads
         while True:
             size = len(buf)
             missing = 0                              # of a record begun in buf (read at once)
-            run = []
+            run, carried = carried, []
             while pos + 16 <= size:
                 sec, frac, caplen = record(buf, pos)
                 end = pos + 16 + caplen
@@ -113,7 +114,13 @@ def read_pcap_runs(path: str) -> Iterator[list[tuple[float, int, bytes]]]:
                 if pos < size:
                     raise CaptureError(f"{path}: truncated record at byte {base + pos}")
                 return
-            buf, base, pos = buf[pos:] + more, base + pos, 0
+            if missing and len(more) >= missing:
+                # the record begun in buf is put together alone (not buf's rest + the whole read)
+                sec, frac, caplen = record(buf, pos)
+                carried = [(sec + frac * scale, linktype, buf[pos + 16:] + more[:missing])]
+                buf, base, pos = more, base + size, missing
+            else:
+                buf, base, pos = buf[pos:] + more, base + pos, 0
 
 
 _PCAP_MAGIC = {0xA1B2C3D4: "us", 0xA1B23C4D: "ns"}

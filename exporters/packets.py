@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from resolver.policy import forget_oldest
-from resolver.wire import WireError, parse_query, read_name
 
 # pcap link types (tcpdump.org/linktypes.html)
 LINKTYPE_ETHERNET, LINKTYPE_RAW, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2 = 1, 101, 113, 276
@@ -251,6 +250,7 @@ def dns_question(message: bytes) -> str | None:
                 break
             labels.append(message[p + 1:p + 1 + length])
             p += length + 1
+    from resolver.wire import WireError, parse_query     # here: plain queries never need it
     try:
         return parse_query(message).qname
     except (WireError, IndexError, ValueError, UnicodeError):

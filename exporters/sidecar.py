@@ -139,8 +139,6 @@ class Engine:
                 if started is None:                    # a pcap: its first packet starts the clock
                     self.started = started = when
                     self.ctx = build_context(self.policy, self.sanctioned, self.learned, when, self.settings)
-                if metrics is not None:
-                    metrics.packets.inc()
                 inline = False
                 if linktype == 1 and len(frame) >= 42:
                     ethertype, vihl, total, fragment, proto, sport, dport = _HEAD(frame, 12)
@@ -169,8 +167,6 @@ class Engine:
                         sport, dport = frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
                 if at is None:
                     unparsed += 1
-                    if metrics is not None:
-                        metrics.unparsed.inc()
                     continue
                 packet = (n, when, frame, at, sport, dport, inline)
                 if proto == TCP:
@@ -182,6 +178,9 @@ class Engine:
         finally:
             self.packets += n
             self.unparsed += unparsed
+            if metrics is not None:                 # counted once per run, not per frame
+                metrics.packets.inc(n)
+                metrics.unparsed.inc(unparsed)
         return n
 
     def _observe(self, tables: tuple[list, list, list]) -> list:
