@@ -205,8 +205,10 @@ def external_dns(obs: Observation, ctx: Context) -> Finding | None:
         return None
     if (obs.version, obs.server) in ctx.sanctioned:
         return None
-    return Finding("external-dns", obs, None, f"DNS over {obs.transport.upper()} to an unsanctioned server",
-                   obs.name)
+    return Finding("external-dns", obs, None, _EXTERNAL_DNS[obs.transport], obs.name)
+
+
+_EXTERNAL_DNS = {t: f"DNS over {t.upper()} to an unsanctioned server" for t in ("tcp", "udp")}   # evidence
 
 
 def dot(obs: Observation, ctx: Context) -> Finding | None:

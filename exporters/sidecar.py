@@ -26,6 +26,7 @@ from .tls import MAX_HELLO, Reassembly, TLSError, hello_from_records, looks_like
 
 log = logging.getLogger("sinkhole.sidecar")
 DONE = object()             # a flow that needs no more looking at
+UNREAD = object()           # a flow's state not looked up yet (observe looks it up)
 HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ")
 HTTP_FIRST = frozenset(m[0] for m in HTTP_METHODS)
 _HEAD = struct.Struct("!HBxH2xHxB10xHH").unpack_from     # Ethernet + IPv4 + ports, from byte 12
@@ -206,6 +207,7 @@ class Engine:
                 elif data >= end:
                     continue                                    # no payload: ACK, FIN, RST
             key = frame[26:38] if inline else flow_key(frame, at)
+            state = UNREAD
             if sift:
                 state = tcp_get(tcp, key)                       # LRU.get, inline
                 if state is not None:
@@ -217,7 +219,7 @@ class Engine:
                     if not (first == 0x16 and data + 3 <= end and frame[data + 1] == 3 and frame[data + 2] <= 4
                             or first in HTTP_FIRST and frame.startswith(HTTP_METHODS, data, end)):
                         continue
-            seen = observe(when, frame, at, ctx, key, sport, dport)
+            seen = observe(when, frame, at, ctx, key, sport, dport, state)
             if seen:
                 found.append((i, seen))
         for i, when, frame, at, sport, dport, inline in quic_packets:
@@ -273,11 +275,13 @@ class Engine:
                         metrics.alerts.labels(f.detector).inc()
         return rows
 
-    def observe(self, when: float, frame: bytes, at: tuple, ctx, flow: bytes, sport: int, dport: int) -> list:
+    def observe(self, when: float, frame: bytes, at: tuple, ctx, flow: bytes, sport: int, dport: int,
+                state=UNREAD) -> list:
         """What one located packet tells: our resolver's answers (`Answer`, learned when reported);
         client packets as observations (a new flow, a complete ClientHello, an HTTP request). Read
-        off the frame's bytes (`flow` is its flow_key, the ports are _locate's); addresses become
-        ints only for an observation (`addresses`)."""
+        off the frame's bytes (`flow` is its flow_key, the ports are _locate's, `state` the TCP
+        flow's state when the triage has looked it up); addresses become ints only for an
+        observation (`addresses`)."""
         version, o, proto, p, data, end = at
         if sport == 53:
             src = int.from_bytes(frame[o + 12:o + 16] if version == 4 else frame[o + 8:o + 24], "big")
@@ -302,7 +306,8 @@ class Engine:
             return [observation(when, "connect", "tcp", frame, at)]
         if data >= end:
             return []
-        state = self.tcp.get(flow)
+        if state is UNREAD:
+            state = self.tcp.get(flow)
         if state is DONE:
             return []
         payload = bytes(frame[data:end])
