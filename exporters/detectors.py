@@ -205,8 +205,10 @@ def external_dns(obs: Observation, ctx: Context) -> Finding | None:
         return None
     if (obs.version, obs.server) in ctx.sanctioned:
         return None
-    return Finding("external-dns", obs, None, f"DNS over {obs.transport.upper()} to an unsanctioned server",
-                   obs.name)
+    return Finding("external-dns", obs, None, _EXTERNAL_DNS[obs.transport], obs.name)
+
+
+_EXTERNAL_DNS = {t: f"DNS over {t.upper()} to an unsanctioned server" for t in ("tcp", "udp")}   # evidence
 
 
 def dot(obs: Observation, ctx: Context) -> Finding | None:
@@ -342,39 +344,41 @@ BY_KIND = {
 
 def detect(obs: Observation, ctx: Context) -> list[Finding]:
     """Every finding for one observation, each marked alert or counted-only, with the reason."""
+    when, kind, transport, version, client, server = obs[:6]
     findings = []
-    ranged = ctx.ranges.get(obs.version, obs.server) != ()
-    for d in BY_KIND.get((obs.kind, obs.transport, ranged), ORDER):
+    for d in BY_KIND.get((kind, transport, ctx.ranges.get(version, server) != ()), ORDER):
         f = d(obs, ctx)
         if f is not None:
             findings.append(f)
     if not findings:
         return findings
-    policy = ctx.policy
-    group, key = ctx.classify(obs.version, obs.client)
+    group, key = ctx.classify(version, client)
+    if group is None:
+        return [_new(Finding, (f[0], obs, f[2], f[3], f[4], "-", False, "client in no group")) for f in findings]
+    policy, block, gname = ctx.policy, group.block, group.name
     out = []
     for f in findings:
+        detector, _, service, evidence, name = f[:5]
         quiet = ""
-        exemption = (policy.exemption_for(key, f.service, obs.time)
-                     if f.service is not None and group is not None and policy.exemptions else None)
-        if group is None:
-            quiet = "client in no group"
-        elif f.service is None and not group.block:
-            quiet = f"group {group.name} blocks nothing"
-        elif f.service is not None and f.service not in group.block:
-            quiet = f"group {group.name} does not block {f.service}"
-        elif exemption is not None:
+        if service is None:
+            if not block:
+                quiet = f"group {gname} blocks nothing"
+        elif service not in block:
+            quiet = f"group {gname} does not block {service}"
+        elif policy.exemptions and (exemption := policy.exemption_for(key, service, when)) is not None:
             quiet = f"exempted: {exemption.id}"
-        elif f.detector == "no-dns":
-            if obs.time < ctx.learning_until:
+        if not quiet and detector == "no-dns":
+            if when < ctx.learning_until:
                 quiet = "learning period"
             else:
-                by = ctx.learned.explained(key, obs.time)
+                by = ctx.learned.explained(key, when)
                 if by:
                     quiet = f"explained by {by}"
-        out.append(Finding(f.detector, obs, f.service, f.evidence, f.name, group.name if group else "-",
-                           not quiet, quiet))
-    for f in out:
+        out.append(_new(Finding, (detector, obs, service, evidence, name, gname, not quiet, quiet)))
+    for f in out:                   # after all are decided: one finding does not explain another
         if f.alert and f.detector in RESOLVER_BYPASS:
-            ctx.learned.flag(key, f.detector, obs.time)
+            ctx.learned.flag(key, f.detector, when)
     return out
+
+
+_new = tuple.__new__                # a NamedTuple made from all its fields, without its __new__

@@ -24,6 +24,6 @@ class LRU(OrderedDict):
     def put(self, key, value) -> None:
         self[key] = value
         self.move_to_end(key)
-        while len(self) > self.limit:
-            self.popitem(last=False)
+        if len(self) > self.limit:          # only put() adds: one in, at most one out
+            self.popitem(False)             # the oldest (positional: no keyword call)
             self.evicted += 1

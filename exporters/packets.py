@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from resolver.policy import forget_oldest
-from resolver.wire import WireError, parse_query, read_name
 
 # pcap link types (tcpdump.org/linktypes.html)
 LINKTYPE_ETHERNET, LINKTYPE_RAW, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2 = 1, 101, 113, 276
@@ -23,6 +22,7 @@ FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 _V6_EXTENSIONS = {0, 43, 60}        # hop-by-hop, routing, destination options (fragment 44: dropped)
 _VLAN = {0x8100, 0x88A8, 0x9100}
 _V4_ADDRESSES, _PORTS = struct.Struct("!II").unpack_from, struct.Struct("!HH").unpack_from
+_V4_FLOW = struct.Struct("!IIHH").unpack_from
 
 
 @dataclass(slots=True)
@@ -205,6 +205,9 @@ def observation(when: float, kind: str, transport: str, frame: bytes, at: tuple,
     """The Observation of a located frame: its addresses and ports (as `addresses` reads them)
     after kind and transport. Built as the tuple it is, in one call."""
     version, o, _, p, _, _ = at
+    if p == o + 20:                     # IPv4 without options: addresses and ports back to back
+        src, dst, sport, dport = _V4_FLOW(frame, o + 12)
+        return _tuple_new(Observation, (when, kind, transport, 4, src, dst, sport, dport, sni, alpn, name, detail))
     if version == 4:
         src, dst = _V4_ADDRESSES(frame, o + 12)
     else:
@@ -247,6 +250,7 @@ def dns_question(message: bytes) -> str | None:
                 break
             labels.append(message[p + 1:p + 1 + length])
             p += length + 1
+    from resolver.wire import WireError, parse_query     # here: plain queries never need it
     try:
         return parse_query(message).qname
     except (WireError, IndexError, ValueError, UnicodeError):

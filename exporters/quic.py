@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -30,9 +30,17 @@ class QUICError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Keys:
+    """A client's Initial keys, and the two ciphers made from them once: AES-ECB for header
+    protection and AES-GCM for the payload (every Initial of a connection reuses them)."""
     key: bytes
     iv: bytes
     hp: bytes
+    ecb: object = field(init=False, repr=False, compare=False)
+    aead: AESGCM = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ecb", Cipher(algorithms.AES(self.hp), modes.ECB()).encryptor())
+        object.__setattr__(self, "aead", AESGCM(self.key))
 
 
 def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
@@ -56,9 +64,12 @@ def client_keys(dcid: bytes, version: int = V1) -> Keys:
     return Keys(_expand_label(client, k, 16), _expand_label(client, i, 12), _expand_label(client, h, 16))
 
 
-def _mask(hp: bytes, sample: bytes) -> bytes:
-    enc = Cipher(algorithms.AES(hp), modes.ECB()).encryptor()
-    return enc.update(sample) + enc.finalize()
+def _mask(keys: Keys, sample: bytes) -> bytes:
+    """The header-protection mask: AES-ECB of a 16-byte sample with the keys' one encryptor (a
+    whole block leaves nothing buffered in it for the next sample)."""
+    if len(sample) != 16:
+        raise QUICError("a header-protection sample is 16 bytes")
+    return keys.ecb.update(sample)
 
 
 def read_varint(data: bytes, p: int) -> tuple[int, int]:
@@ -150,7 +161,7 @@ def decrypt_initial(data: bytes, keys: Keys | None = None) -> tuple[Initial, int
     sample = data[p + 4:p + 20]
     if len(sample) < 16:
         raise QUICError("too short for a header-protection sample")
-    mask = _mask(keys.hp, sample)
+    mask = _mask(keys, sample)
     first = data[0] ^ (mask[0] & 0x0F)
     pn_len = (first & 0x03) + 1
     pn_bytes = bytes(b ^ m for b, m in zip(data[p:p + pn_len], mask[1:1 + pn_len]))
@@ -158,7 +169,7 @@ def decrypt_initial(data: bytes, keys: Keys | None = None) -> tuple[Initial, int
     header = bytes([first]) + data[1:p] + pn_bytes
     nonce = (int.from_bytes(keys.iv, "big") ^ pn).to_bytes(12, "big")
     try:
-        payload = AESGCM(keys.key).decrypt(nonce, data[p + pn_len:end], header)
+        payload = keys.aead.decrypt(nonce, data[p + pn_len:end], header)
     except Exception as e:   # noqa: BLE001 - InvalidTag and friends: not ours to read
         raise QUICError(f"Initial does not decrypt ({type(e).__name__})") from None
     return Initial(version, dcid, scid, pn, payload), end
@@ -274,9 +285,9 @@ def protect_initial(dcid: bytes, scid: bytes, pn: int, frames: bytes, version: i
               + bytes([len(scid)]) + scid + varint(len(token)) + token + varint(length)
               + pn.to_bytes(pn_len, "big"))
     nonce = (int.from_bytes(keys.iv, "big") ^ pn).to_bytes(12, "big")
-    sealed = AESGCM(keys.key).encrypt(nonce, frames, header)
+    sealed = keys.aead.encrypt(nonce, frames, header)
     pn_at = len(header) - pn_len
-    mask = _mask(keys.hp, sealed[4 - pn_len:20 - pn_len])
+    mask = _mask(keys, sealed[4 - pn_len:20 - pn_len])
     out = bytearray(header + sealed)
     out[0] ^= mask[0] & 0x0F
     for i in range(pn_len):

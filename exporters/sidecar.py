@@ -26,6 +26,7 @@ from .tls import MAX_HELLO, Reassembly, TLSError, hello_from_records, looks_like
 
 log = logging.getLogger("sinkhole.sidecar")
 DONE = object()             # a flow that needs no more looking at
+UNREAD = object()           # a flow's state not looked up yet (observe looks it up)
 HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ")
 HTTP_FIRST = frozenset(m[0] for m in HTTP_METHODS)
 _HEAD = struct.Struct("!HBxH2xHxB10xHH").unpack_from     # Ethernet + IPv4 + ports, from byte 12
@@ -59,7 +60,7 @@ class Engine:
         self.started = started
         self.policy = policy
         self.ctx = build_context(policy, sanctioned, self.learned, started or 0.0, settings)
-        self.tcp = LRU(max_flows)           # flow -> Reassembly | DONE
+        self.tcp = LRU(max_flows)           # flow -> stream start (int: SYN seen) | Reassembly | DONE
         self.quic = LRU(max_quic)           # flow -> quic.CryptoStream | DONE
         self.udp = LRU(max_udp)             # flow -> True (first datagram seen)
         self.counts = {d: [0, 0, 0] for d in DETECTORS}     # alerted, suppressed, counted only
@@ -139,8 +140,6 @@ class Engine:
                 if started is None:                    # a pcap: its first packet starts the clock
                     self.started = started = when
                     self.ctx = build_context(self.policy, self.sanctioned, self.learned, when, self.settings)
-                if metrics is not None:
-                    metrics.packets.inc()
                 inline = False
                 if linktype == 1 and len(frame) >= 42:
                     ethertype, vihl, total, fragment, proto, sport, dport = _HEAD(frame, 12)
@@ -169,8 +168,6 @@ class Engine:
                         sport, dport = frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
                 if at is None:
                     unparsed += 1
-                    if metrics is not None:
-                        metrics.unparsed.inc()
                     continue
                 packet = (n, when, frame, at, sport, dport, inline)
                 if proto == TCP:
@@ -182,6 +179,9 @@ class Engine:
         finally:
             self.packets += n
             self.unparsed += unparsed
+            if metrics is not None:                 # counted once per run, not per frame
+                metrics.packets.inc(n)
+                metrics.unparsed.inc(unparsed)
         return n
 
     def _observe(self, tables: tuple[list, list, list]) -> list:
@@ -199,44 +199,47 @@ class Engine:
         tcp_get, tcp_touch, quic_touch = dict.get, tcp.move_to_end, quic_flows.move_to_end
         found = []
         for i, when, frame, at, sport, dport, inline in tcp_packets:
-            key = None
-            if triage and sport != 53:                          # 53: maybe our resolver's answer
+            sift = triage and sport != 53                       # 53: maybe our resolver's answer
+            if sift:
                 _, _, _, p, data, end = at
-                if not frame[p + 13] & 0x12 == 0x02:            # not a connection attempt
-                    if data >= end:
-                        continue                                # no payload: ACK, FIN, RST
-                    key = frame[26:38] if inline else flow_key(frame, at)
-                    state = tcp_get(tcp, key)                   # LRU.get, inline
-                    if state is not None:
-                        tcp_touch(key)
-                        if state is DONE:
-                            continue
-                    else:
-                        first = frame[data]                     # (looks_like_tls, inline)
-                        if not (first == 0x16 and data + 3 <= end and frame[data + 1] == 3 and frame[data + 2] <= 4
-                                or first in HTTP_FIRST and frame.startswith(HTTP_METHODS, data, end)):
-                            continue
-            seen = observe(when, frame, at, ctx, key)
+                if frame[p + 13] & 0x12 == 0x02:                # a connection attempt: observed
+                    sift = False
+                elif data >= end:
+                    continue                                    # no payload: ACK, FIN, RST
+            key = frame[26:38] if inline else flow_key(frame, at)
+            state = UNREAD
+            if sift:
+                state = tcp_get(tcp, key)                       # LRU.get, inline
+                if state is not None:
+                    tcp_touch(key)
+                    if state is DONE:
+                        continue
+                else:
+                    first = frame[data]                         # (looks_like_tls, inline)
+                    if not (first == 0x16 and data + 3 <= end and frame[data + 1] == 3 and frame[data + 2] <= 4
+                            or first in HTTP_FIRST and frame.startswith(HTTP_METHODS, data, end)):
+                        continue
+            seen = observe(when, frame, at, ctx, key, sport, dport, state)
             if seen:
                 found.append((i, seen))
         for i, when, frame, at, sport, dport, inline in quic_packets:
-            key = None
+            key = frame[26:38] if inline else flow_key(frame, at)
             if triage and sport != 53:
                 data, end = at[4], at[5]
                 if not (data < end and frame[data] & 0x80):     # not a long header
-                    key = frame[26:38] if inline else flow_key(frame, at)
                     if key in quic_flows:
                         quic_touch(key)
                     continue
-            seen = observe(when, frame, at, ctx, key)
+            seen = observe(when, frame, at, ctx, key, sport, dport)
             if seen:
                 found.append((i, seen))
         for i, when, frame, at, sport, dport, inline in udp_packets:
-            key = None
-            if triage and sport != 53 and (dport != 53 and dport != 853 or (
-                    key := frame[26:38] if inline else flow_key(frame, at)) in udp_flows):
+            if triage and sport != 53 and dport != 53 and dport != 853:
                 continue
-            seen = observe(when, frame, at, ctx, key)
+            key = frame[26:38] if inline else flow_key(frame, at)
+            if triage and sport != 53 and key in udp_flows:
+                continue
+            seen = observe(when, frame, at, ctx, key, sport, dport)
             if seen:
                 found.append((i, seen))
         found.sort(key=_FIRST)
@@ -246,46 +249,46 @@ class Engine:
         """Findings of observations -> counts, alert rows (deduplicated), enforcement, metrics;
         answers learned in their place among them."""
         rows = []
-        learn = self.learned.answer
+        learn, all_counts, metrics = self.learned.answer, self.counts, self.metrics
         for obs in observations:
             if obs.__class__ is Answer:
                 learn(*obs)
                 continue
             for f in detect(obs, ctx):
-                counts = self.counts[f.detector]
-                if self.metrics is not None:
-                    self.metrics.detections.labels(f.detector, f.group).inc()
+                counts = all_counts[f.detector]
+                if metrics is not None:
+                    metrics.detections.labels(f.detector, f.group).inc()
                 if not f.alert:
                     counts[2] += 1
                     continue
                 row = self.alerts.offer(f)
                 if row is None:
                     counts[1] += 1
-                    if self.metrics is not None:
-                        self.metrics.suppressed.labels(f.detector).inc()
+                    if metrics is not None:
+                        metrics.suppressed.labels(f.detector).inc()
                 else:
                     counts[0] += 1
                     rows.append(row)
                     if self.enforce is not None:
                         self.enforce(row)
-                    if self.metrics is not None:
-                        self.metrics.alerts.labels(f.detector).inc()
+                    if metrics is not None:
+                        metrics.alerts.labels(f.detector).inc()
         return rows
 
-    def observe(self, when: float, frame: bytes, at: tuple, ctx, flow: bytes | None = None) -> list:
+    def observe(self, when: float, frame: bytes, at: tuple, ctx, flow: bytes, sport: int, dport: int,
+                state=UNREAD) -> list:
         """What one located packet tells: our resolver's answers (`Answer`, learned when reported);
         client packets as observations (a new flow, a complete ClientHello, an HTTP request). Read
-        off the frame's bytes; addresses become ints only for an observation (`addresses`)."""
+        off the frame's bytes (`flow` is its flow_key, the ports are _locate's, `state` the TCP
+        flow's state when the triage has looked it up); addresses become ints only for an
+        observation (`addresses`)."""
         version, o, proto, p, data, end = at
-        sport, dport = frame[p] << 8 | frame[p + 1], frame[p + 2] << 8 | frame[p + 3]
         if sport == 53:
             src = int.from_bytes(frame[o + 12:o + 16] if version == 4 else frame[o + 8:o + 24], "big")
             if (version, src) in ctx.sanctioned:
                 message = frame[data + 2 if proto == TCP else data:end]
                 client = (version, addresses(frame, at)[2])
                 return [Answer(client, (v, address), ttl, when) for v, address, ttl in dns_addresses(message)]
-        if flow is None:
-            flow = flow_key(frame, at)
         if proto == UDP:
             if dport == 443:
                 return self._quic(when, frame, at, flow)
@@ -297,15 +300,18 @@ class Engine:
         if proto != TCP:
             return []
         if frame[p + 13] & 0x12 == 0x02:              # SYN without ACK: a connection attempt
-            self.tcp.put(flow, Reassembly((int.from_bytes(frame[p + 4:p + 8], "big") + 1) & 0xFFFFFFFF))
+            # the stream starts at ISN + 1: that number is the flow's state until a segment
+            # needs a Reassembly (most ClientHellos come whole in the first one)
+            self.tcp.put(flow, (int.from_bytes(frame[p + 4:p + 8], "big") + 1) & 0xFFFFFFFF)
             return [observation(when, "connect", "tcp", frame, at)]
         if data >= end:
             return []
-        state = self.tcp.get(flow)
+        if state is UNREAD:
+            state = self.tcp.get(flow)
         if state is DONE:
             return []
         payload = bytes(frame[data:end])
-        if state is None or not state.data and not state.pending:
+        if state is None or state.__class__ is int or not state.data and not state.pending:
             if payload.startswith(HTTP_METHODS):
                 self.tcp.put(flow, DONE)
                 return self._http(when, frame, at, payload)
@@ -315,7 +321,12 @@ class Engine:
                 state = Reassembly(None)
                 self.tcp.put(flow, state)
         seq = int.from_bytes(frame[p + 4:p + 8], "big")
-        first = state.base == seq and not state.data and not state.pending
+        if state.__class__ is int:
+            first = state == seq
+            if not first:
+                state = self._reassembly(flow, state)
+        else:
+            first = state.base == seq and not state.data and not state.pending
         # the first segment at the stream's start is the stream so far (what state.add would
         # return); it is copied into the state only when the hello needs more segments
         stream = payload[:MAX_HELLO] if first else state.add(seq, payload)
@@ -326,10 +337,17 @@ class Engine:
             return []
         if hello is None:
             if first:
-                state.add(seq, payload)
+                self._reassembly(flow, state).add(seq, payload)
             return []
         self.tcp.put(flow, DONE)
         return [observation(when, "hello", "tcp", frame, at, hello.sni, hello.alpn)]
+
+    def _reassembly(self, flow: bytes, state: Reassembly | int) -> Reassembly:
+        """The flow's Reassembly; made (and stored) from the stream start a SYN left."""
+        if state.__class__ is int:
+            state = Reassembly(state)
+            self.tcp.put(flow, state)
+        return state
 
     def _quic(self, when: float, frame: bytes, at: tuple, flow: bytes) -> list[Observation]:
         state = self.quic.get(flow)

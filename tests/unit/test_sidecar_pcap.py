@@ -86,6 +86,8 @@ def _state(eng: Engine):
             return v
         if isinstance(v, quic.CryptoStream):
             return ("quic", v.keys, dict(v.chunks))
+        if isinstance(v, int):                   # a SYN's stream start: a Reassembly with nothing yet
+            return ("tcp", v, b"", {})
         return ("tcp", v.base, bytes(v.data), dict(v.pending))
     tables = [[(k, show(v)) for k, v in t.items()] for t in (eng.tcp, eng.quic, eng.udp)]
     return tables, eng.counts, eng.packets, eng.unparsed, list(eng.learned.per_client.items())
@@ -221,6 +223,60 @@ def test_damaged_captures_are_named_errors(tmp_path):
         for record in read_pcap(str(tmp_path / "cut.pcap")):
             got.append(record)
     assert len(got) == 1                                                # what was readable came first
+
+
+def _read_all(path) -> tuple[list, str | None]:
+    got = []
+    try:
+        for record in read_pcap(str(path)):
+            got.append(record)
+    except CaptureError as e:
+        return got, str(e).replace(str(path), "FILE")
+    return got, None
+
+
+def _read_through_a_pipe(tmp_path, data: bytes) -> tuple[list, str | None]:
+    """_read_all of `data` written into a FIFO: the streamed reader (a regular file is mapped)."""
+    import threading
+    fifo = tmp_path / "pipe.pcap"
+    os.mkfifo(fifo)
+
+    def write():
+        try:
+            with open(fifo, "wb") as w:
+                w.write(data)
+        except BrokenPipeError:             # the reader stopped at an error
+            pass
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        return _read_all(fifo)
+    finally:
+        writer.join(10)
+        fifo.unlink()
+
+
+def test_mapped_and_streamed_pcap_reads_agree(tmp_path):
+    """The same records, the same error at the same byte, from a file (memory map) and a pipe (reads):
+    frames longer than a read, a record straddling reads at every offset, truncated and damaged files."""
+    from exporters.capture import _CHUNK
+    small = udp(DESKTOP, "192.0.2.1", 53, b"q")
+    head = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 1 << 18, 1)
+    frames = [small, small[:14] + bytes(3 * _CHUNK + 5), small, small[:14] + bytes((1 << 18) - 14), small]
+    frames += [small + bytes(n) for n in range(0, 1500, 7)] * 30          # records across read ends
+    records = b"".join(struct.pack("<IIII", i, 0, len(f), len(f)) + f for i, f in enumerate(frames))
+    whole = head + records
+    cases = [whole, whole[:-3], whole[:len(whole) // 2], whole[:24 + 10],
+             head + struct.pack("<IIII", 1, 0, (1 << 18) + 1, 5) + bytes(300000),      # claims too much
+             whole[:5000] + struct.pack("<IIII", 1, 0, 1 << 30, 1 << 30) + bytes(64)]
+    for data in cases:
+        (tmp_path / "x.pcap").write_bytes(data)
+        mapped = _read_all(tmp_path / "x.pcap")
+        assert _read_through_a_pipe(tmp_path, data) == mapped
+        if data is whole:
+            assert [f for _, _, f in mapped[0]] == frames and mapped[1] is None
+        else:
+            assert mapped[1] is not None and "FILE" in mapped[1]
 
 
 def test_cli_reads_pcapng_and_refuses_a_damaged_capture(tmp_path):
