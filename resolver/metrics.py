@@ -135,7 +135,11 @@ class PrometheusObserver:
 
     def count_many(self, sigs: list, duration: float) -> None:
         # a UDP batch: its answers share one duration, so each signature is counted once per batch
-        # with how often it came (collections.Counter counts the list in C)
+        # with how often it came (collections.Counter counts the list in C). A lone answer, the
+        # usual batch of a quiet server, is counted directly: Counter costs 1 us more than it saves
+        if len(sigs) == 1:
+            self.count(sigs[0], duration)
+            return
         count = self.count
         for sig, n in TallyCounter(sigs).items():
             count(sig, duration, n)

@@ -291,6 +291,8 @@ def test_a_batch_counts_as_its_queries_one_by_one(tmp_path):
         one.count(one.signature(o), 0.0031)
     many.count_many([many.signature(o) for o in outcomes], 0.0031)
     many.count_many([], 0.0031)
+    one.count(one.signature(outcomes[3]), 0.2)     # a lone answer (a batch of one) too
+    many.count_many([many.signature(outcomes[3])], 0.2)
     series = lambda observer: sorted((s.name, tuple(sorted(s.labels.items())), s.value)
                                      for family in observer.registry.collect() for s in family.samples
                                      if not s.name.startswith(("sinkhole_build", "python_", "process_")))
