@@ -29,7 +29,7 @@ from .policy import Policy
 from .querylog import FLUSH_INTERVAL, QueryLog
 from .ratelimit import PASS, SLIP, RateLimiter, slip_answer
 from .upstream import Upstreams
-from .udpio import udp_io
+from .udpio import send_one, udp_io
 from .wire import truncate
 
 log = logging.getLogger("sinkhole")
@@ -319,17 +319,10 @@ class Server:
         try:
             reply, outcome = await self._forward(fwd, policy)
             self._done(now, outcome, started)      # logged before the client can ask again
-            self._sendto(sock, truncate(reply, outcome.udp_limit), addr)
+            send_one(sock, truncate(reply, outcome.udp_limit), addr)
         finally:
             with self.lock:
                 self._udp_pending -= 1
-
-    @staticmethod
-    def _sendto(sock, data: bytes, addr) -> None:
-        try:
-            sock.sendto(data, socket.MSG_DONTWAIT, addr)
-        except OSError:
-            pass                        # the client is gone or the buffer is full: nothing to do
 
     async def _forward(self, fwd, policy):
         try:

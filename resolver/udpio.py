@@ -53,6 +53,15 @@ def _libc():
 _MMSG = _libc()
 
 
+def send_one(sock: socket.socket, data: bytes, addr) -> None:
+    """One datagram out with sendto, never blocking: a client that is gone or a full buffer costs
+    that answer, never an error."""
+    try:
+        sock.sendto(data, _MSG_DONTWAIT, addr)
+    except OSError:
+        pass
+
+
 def udp_io(sock: socket.socket, size: int):
     """AdaptiveIO (BatchIO when busy) for `size` > 1 where the system has recvmmsg, else PlainIO."""
     if size > 1 and _MMSG is not None:
@@ -78,17 +87,11 @@ class PlainIO:
         return [(data[2:], client, (addr, data))]
 
     def send(self, replies, reused=()) -> None:
-        sendto = self.sock.sendto
+        sock = self.sock
         for reply, (addr, _) in replies:
-            try:
-                sendto(reply, _MSG_DONTWAIT, addr)
-            except OSError:
-                pass                    # the client is gone or the buffer is full: nothing to do
+            send_one(sock, reply, addr)
         for body, (addr, query) in reused:
-            try:
-                sendto(query[:2] + body, _MSG_DONTWAIT, addr)
-            except OSError:
-                pass
+            send_one(sock, query[:2] + body, addr)
 
     @staticmethod
     def address(ref):
@@ -206,7 +209,7 @@ class BatchIO:
         for reply, ref in replies:
             size = len(reply)
             if size > SLOT:             # a large EDNS answer: on its own
-                self._send_alone(reply, ref)
+                send_one(self.sock, reply, self.address(ref))
                 continue
             start, length_at, msg_at = next(slots)
             data[start:start + size] = reply
@@ -218,7 +221,7 @@ class BatchIO:
             for body, ref in reused:
                 size = len(body) + 2
                 if size > SLOT:
-                    self._send_alone(self.query(ref)[:2] + body, ref)
+                    send_one(self.sock, self.query(ref)[:2] + body, self.address(ref))
                     continue
                 start, length_at, msg_at = next(slots)
                 sids[start >> 1] = rids[ref * SLOT >> 1]
@@ -231,13 +234,6 @@ class BatchIO:
             tries += 1
             sent = self._send(self._fd, self._smsg_at + 64 * done, k - done, _MSG_DONTWAIT)
             done += sent if sent > 0 else 1
-
-    def _send_alone(self, reply: bytes, ref: int) -> None:
-        try:
-            self.sock.sendto(reply, _MSG_DONTWAIT, self.address(ref))
-        except OSError:
-            pass
-
 
 class AdaptiveIO:
     """BatchIO while datagrams come in bunches, PlainIO while they come one at a time: for a lone
