@@ -122,8 +122,9 @@ class QueryLog:
                 return
             self._blocks.append(("".join(text).encode("utf-8", "backslashreplace"), count))
             self._enqueued += count
-            if self._enqueued - self._taken > self._limit >> 2:
+            if self._enqueued - self._taken > self._limit >> 2 and not self._wake.is_set():
                 self._wake.set()        # a busy resolver: the writer need not wait out FLUSH_INTERVAL
+                                        # (once per wake: Event.set takes a lock, 1.6 % at peak)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every line logged so far is written or dropped (tests, shutdown). False if
