@@ -10,9 +10,10 @@ Both offer the same calls to the server's loop:
   receive()       -> [(question, client, ref)], or None once the socket is shut down; raises
                   OSError. `question` is the datagram without its first two bytes (the ID): what
                   a remembered answer is found by (Policy.remember)
-  query(ref)      -> the whole datagram
+  query(ref)      -> the whole datagram, until its answer is sent (BatchIO answers over it)
   send(replies, reused=())  replies: [(answer bytes, ref)]; reused: [(answer without its ID, ref)],
-                  sent behind the query's own ID. Failures are dropped datagrams, never errors
+                  sent behind the query's own ID; one answer per ref. Failures are dropped
+                  datagrams, never errors
   address(ref)    -> the sender's address tuple, as socket.recvfrom would give it
 `client` is the sender's address as a string; `ref` says where its answer goes, good until the
 next receive().
@@ -107,40 +108,44 @@ class BatchIO:
     """recvmmsg and sendmmsg over buffers made once. struct mmsghdr is 64 bytes on 64-bit Linux:
     msg_name (8), msg_namelen (4, padded to 8), msg_iov (8), msg_iovlen (8), msg_control (8),
     msg_controllen (8), msg_flags (4), then msg_len (4); struct iovec is base (8) and length (8).
-    They are kept as arrays of 64-bit words and read and written through memoryviews."""
+    They are kept as arrays of 64-bit words and read and written through memoryviews.
+
+    An answer is written over its own query, in the datagram's slot of the receive buffer: the
+    query's ID is already in place (a reused answer goes in behind it), and the send header of
+    slot i names slot i's sender and buffer from the start. When every datagram of the batch got
+    its answer here (a busy resolver's usual batch) one sendmmsg sends the slots as they are;
+    otherwise the answered slots are gathered into a second header array first."""
 
     def __init__(self, sock: socket.socket, size: int):
         self.sock, self.size = sock, size
         self.family = sock.family
         self._recv, self._send = _MMSG
         self._fd = sock.fileno()
-        # the receive buffer is an anonymous mmap: slicing one makes the bytes in one step, where a
+        # the buffer is an anonymous mmap: slicing one makes the bytes in one step, where a
         # memoryview slice would make a view and then the bytes (80 ns more per datagram, measured)
-        self._rbuf = mmap.mmap(-1, size * SLOT)
-        self._sbuf = ctypes.create_string_buffer(size * SLOT)
+        self._data = mmap.mmap(-1, size * SLOT)
+        self._data_at = ctypes.c_char.from_buffer(self._data)     # held: the mmap stays put while exported
         self._names = ctypes.create_string_buffer(size * _NAME_STRIDE)
         self._riov = (ctypes.c_uint64 * (2 * size))()
         self._siov = (ctypes.c_uint64 * (2 * size))()
         self._rmsg = (ctypes.c_uint64 * (8 * size))()
-        self._smsg = (ctypes.c_uint64 * (8 * size))()
-        self._rbuf_at = ctypes.c_char.from_buffer(self._rbuf)     # held: the mmap stays put while exported
-        rbuf, sbuf = ctypes.addressof(self._rbuf_at), ctypes.addressof(self._sbuf)
+        self._smsg = (ctypes.c_uint64 * (8 * size))()       # slot i's answer, as the slots are
+        self._gmsg = (ctypes.c_uint64 * (8 * size))()       # the answered slots, gathered
+        data = ctypes.addressof(self._data_at)
         names, riov, siov = ctypes.addressof(self._names), ctypes.addressof(self._riov), ctypes.addressof(self._siov)
         for i in range(size):
-            self._riov[2 * i], self._riov[2 * i + 1] = rbuf + i * SLOT, SLOT
-            self._siov[2 * i] = sbuf + i * SLOT
-            for msgs, iov in ((self._rmsg, riov), (self._smsg, siov)):
+            self._riov[2 * i], self._riov[2 * i + 1] = data + i * SLOT, SLOT
+            self._siov[2 * i] = data + i * SLOT
+            for msgs, iov in ((self._rmsg, riov), (self._smsg, siov), (self._gmsg, siov)):
                 msgs[8 * i] = names + _NAME_STRIDE * i      # the sender's address, and so the reply's
                 msgs[8 * i + 1] = NAMELEN
                 msgs[8 * i + 2] = iov + 16 * i
                 msgs[8 * i + 3] = 1
         self._rmsg_at, self._smsg_at = ctypes.addressof(self._rmsg), ctypes.addressof(self._smsg)
-        self._sdata = memoryview(self._sbuf).cast("B")
-        self._rids = memoryview(self._rbuf).cast("B").cast("H")        # 16-bit views: a query's ID
-        self._sids = memoryview(self._sbuf).cast("B").cast("H")        # goes to its answer as is
+        self._gmsg_at = ctypes.addressof(self._gmsg)
         self._name_bytes = memoryview(self._names).cast("B")
         self._rwords = memoryview(self._rmsg).cast("B").cast("I")      # 32-bit view: lengths, flags
-        self._swords = memoryview(self._smsg).cast("B").cast("Q")
+        self._gwords = memoryview(self._gmsg).cast("B").cast("Q")
         self._slens = memoryview(self._siov).cast("B").cast("Q")
         # the sender's address read as numbers, no bytes made: sin_addr is the 32-bit word at byte 4
         # of a sockaddr_in, sin6_addr the two 64-bit words at byte 8 of a sockaddr_in6
@@ -150,21 +155,24 @@ class BatchIO:
         # per slot, made once: (index, its first 32-bit word, its buffer offset, where its address
         # is among the name words: >= 0 an IPv4 word, < 0 minus the first of two IPv6 words)
         self._rslots = [(i, 16 * i, SLOT * i, 8 * i + 1 if self._v4 else -(4 * i + 1)) for i in range(size)]
-        self._sslots = [(SLOT * k, 2 * k + 1, 8 * k) for k in range(size)]
         self._name_at = [names + _NAME_STRIDE * i for i in range(size)]
+        self._iov_at = [siov + 16 * i for i in range(size)]
+        self._count = 0                 # datagrams in the last batch received
 
     def receive(self):
         n = self._recv(self._fd, self._rmsg_at, self.size, _MSG_WAITFORONE, None)
         if n < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
+        self._count = 0
         if n == 0:
             return None
-        words, data, names, clients = self._rwords, self._rbuf, self._name_words, self._clients
+        words, data, names, clients = self._rwords, self._data, self._name_words, self._clients
         out = []
         for i, w, start, at in self._rslots[:n]:
             if words[w + 2] == 0:       # no sender: a shut-down socket reports empty "datagrams"
                 words[w + 2] = NAMELEN
+                self._count = len(out)
                 return out or None
             key = names[at] if at >= 0 else (names[-at] << 64) | names[1 - at]
             client = clients.get(key)
@@ -174,6 +182,7 @@ class BatchIO:
                 out.append((b"", client, i))    # it is dropped and counted as malformed
                 continue
             out.append((data[start + 2:start + words[w + 14]], client, i))
+        self._count = n
         return out
 
     def query(self, ref: int) -> bytes:
@@ -182,7 +191,7 @@ class BatchIO:
         if self._rwords[w + 12] & _MSG_TRUNC:
             return b""
         start = SLOT * ref
-        return self._rbuf[start:start + self._rwords[w + 14]]
+        return self._data[start:start + self._rwords[w + 14]]
 
     def _client(self, key: int) -> str:
         clients = self._clients
@@ -206,36 +215,45 @@ class BatchIO:
                 int.from_bytes(raw[4:8], "big"), int.from_bytes(raw[24:28], sys.byteorder))
 
     def send(self, replies, reused=()) -> None:
-        data, lens, words, name_at = self._sdata, self._slens, self._swords, self._name_at
-        slots = iter(self._sslots)
+        """Each answer over its query, in the query's slot (so at most one answer per ref)."""
+        data, lens = self._data, self._slens
         k = 0
         for reply, ref in replies:
             size = len(reply)
             if size > SLOT:             # a large EDNS answer: on its own
                 send_one(self.sock, reply, self.address(ref))
                 continue
-            start, length_at, msg_at = next(slots)
+            start = SLOT * ref
             data[start:start + size] = reply
-            lens[length_at] = size
-            words[msg_at] = name_at[ref]
+            lens[ref + ref + 1] = size
             k += 1
-        if reused:
-            rids, sids = self._rids, self._sids
-            for body, ref in reused:
-                size = len(body) + 2
-                if size > SLOT:
-                    send_one(self.sock, self.query(ref)[:2] + body, self.address(ref))
-                    continue
-                start, length_at, msg_at = next(slots)
-                sids[start >> 1] = rids[ref * SLOT >> 1]
-                data[start + 2:start + size] = body
-                lens[length_at] = size
-                words[msg_at] = name_at[ref]
-                k += 1
+        for body, ref in reused:        # behind the query's ID, which is in place
+            size = len(body) + 2
+            start = SLOT * ref
+            if size > SLOT:
+                send_one(self.sock, data[start:start + 2] + body, self.address(ref))
+                continue
+            data[start + 2:start + size] = body
+            lens[ref + ref + 1] = size
+            k += 1
+        if k == self._count:            # every datagram of the batch answered: the slots in order
+            msgs = self._smsg_at
+        else:                           # some were not (forwarded, dropped, sent on their own)
+            words, name_at, iov_at = self._gwords, self._name_at, self._iov_at
+            j = 0
+            for answer, ref in replies:
+                if len(answer) <= SLOT:
+                    words[j], words[j + 2] = name_at[ref], iov_at[ref]
+                    j += 8
+            for answer, ref in reused:
+                if len(answer) + 2 <= SLOT:
+                    words[j], words[j + 2] = name_at[ref], iov_at[ref]
+                    j += 8
+            msgs = self._gmsg_at
         done, tries = 0, 0
         while done < k and tries < k:   # a datagram that cannot go (EAGAIN, EPERM) is skipped
             tries += 1
-            sent = self._send(self._fd, self._smsg_at + 64 * done, k - done, _MSG_DONTWAIT)
+            sent = self._send(self._fd, msgs + 64 * done, k - done, _MSG_DONTWAIT)
             done += sent if sent > 0 else 1
 
 class AdaptiveIO:

@@ -169,6 +169,32 @@ def test_reused_answers_go_out_behind_their_querys_id(kind, host, sockets):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_queries_left_unanswered_leave_the_others_theirs(kind, host, sockets):
+    """Some queries of a batch get no answer in send() (forwarded to the upstream, dropped): every
+    answered one still reaches its own client, whole or behind its ID, and the unanswered
+    clients get nothing; the next batch, answered in full, goes out right as well."""
+    server = sockets()
+    io = make_io(kind, server)
+    clients = [sockets() for _ in range(5)]
+    for round_ in range(2):
+        for n, c in enumerate(clients):
+            c.sendto(b"%c%c q%d" % (round_, n, n), server.getsockname())
+        settled(host)
+        got = [entry for batch in receive_all(io, 5) for entry in batch]
+        refs = {data[3:]: ref for data, _, ref, _ in got}
+        if round_ == 0:                             # q1 and q3 unanswered
+            io.send([(b"whole 2", refs[b"q2"])], [(b" body 0", refs[b"q0"]), (b" body 4", refs[b"q4"])])
+            expect = {0: b"\x00\x00 body 0", 2: b"whole 2", 4: b"\x00\x04 body 4"}
+        else:
+            io.send([(b"whole %d" % n, refs[b"q%d" % n]) for n in (1, 3)],
+                    [(b" body %d" % n, refs[b"q%d" % n]) for n in (0, 2, 4)])
+            expect = {n: (b"whole %d" % n if n in (1, 3) else b"\x01%c body %d" % (n, n)) for n in range(5)}
+        for n, answer in expect.items():
+            assert clients[n].recv(65535) == answer, f"round {round_}, client {n}"
+        nothing_more(*clients)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_datagram_longer_than_a_slot_comes_as_empty(kind, host, sockets):
     """Longer than SLOT (cut short by recvmmsg, or by recvfrom's buffer), it is handed on as b"":
     the server drops it as malformed and counts it, as it does an empty datagram."""
@@ -257,8 +283,8 @@ def test_adaptive_io_takes_lone_datagrams_one_at_a_time_and_bunches_at_once(host
             sizes.append(len(batch))
             assert all(question == io.query(ref)[2:] for question, _, ref in batch)
             assert all(io.address(ref)[:2] == client.getsockname()[:2] for _, _, ref in batch)
+            got += [io.query(ref) for _, _, ref in batch]     # before send: it answers over them
             io.send([], [(b" answer", ref) for _, _, ref in batch])
-            got += [io.query(ref) for _, _, ref in batch]
         assert got == sent
         assert sorted(client.recv(64) for _ in range(n)) == sorted(q[:2] + b" answer" for q in sent)
         nothing_more(client)
