@@ -55,3 +55,16 @@ def test_a_batch_writes_the_lines_log_would(tmp_path):
     assert lines.count(b"\n") == 3 and [json.loads(l)["qname"] for l in lines.splitlines()] == \
         [o.qname for o in outcomes]
     assert (tmp_path / "many.jsonl").read_bytes() == lines
+
+
+@settings(max_examples=200, deadline=None)
+@given(times=st.lists(st.one_of(st.floats(1.7e9, 1.7e9 + 3, allow_nan=False),
+                                st.sampled_from([1.7e9 + 0.5, 1.7e9 + 1.5, 1.7e9 + 1.5004, 1.7e9 + 2.9999])),
+                      min_size=2, max_size=40))
+def test_the_time_field_is_made_again_whenever_its_second_or_millisecond_changes(times):
+    """One log's time field (kept per millisecond) is, call after call, what a fresh log writes
+    for the same time: the same millisecond in another second, the next millisecond, going back."""
+    log = QueryLog("off")
+    o = Outcome("blocked", "desktop", "web.whatsapp.com", 1, 3, client="10.1.2.3")
+    for when in times:
+        assert log.format(when, o, 0.001) == QueryLog("off").format(when, o, 0.001)
