@@ -67,6 +67,47 @@ def timeit(fn, items, repeat: int = 5, loops: int = 1) -> float:
     return best
 
 
+def loop_turn(tmp: Path, policy, observer, datagram: bytes, client: str, turns: int, repeat: int = 5) -> float:
+    """ns per turn of the server's UDP loop (Server._udp_loop) for a batch of one datagram whose
+    answer is remembered: the real loop, query log and observer, with an IO that hands out the
+    same datagram `turns` times and sends nothing (the socket's part is the stages above)."""
+    from resolver import server as server_module
+    from resolver.config import Config, QueryLogConfig
+
+    class Repeat:
+        def __init__(self, n):
+            self.n = n
+
+        def receive(self, dontwait=False):
+            self.n -= 1
+            return [(datagram[2:], client, 0)] if self.n >= 0 else None
+
+        def send(self, replies, reused=()):
+            pass
+
+        def address(self, ref):
+            return client, 53000
+
+        def query(self, ref):
+            return datagram
+
+    config = Config(blocklists=str(tmp / "bl"), query_log=QueryLogConfig(str(tmp / "loop.jsonl"), 0))
+    server = server_module.Server(config, policy, observer)
+    server.querylog.start()
+    made = server_module.udp_io
+    best = float("inf")
+    try:
+        for _ in range(repeat):
+            server_module.udp_io = lambda sock, *args: Repeat(turns)
+            t0 = time.perf_counter()
+            server._udp_loop(None)
+            best = min(best, (time.perf_counter() - t0) / turns * 1e9)
+    finally:
+        server_module.udp_io = made
+        server.querylog.close()
+    return best
+
+
 def stages(names: int, iterations: int, seed: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="sinkhole-profile-"))
     try:
@@ -174,6 +215,10 @@ def stages(names: int, iterations: int, seed: int) -> dict:
                 sa.recv(65535)
         t_batch(f"{type(io).__name__}: receive() + send(), one batch of loopback datagrams "
                 "(client side included)", batch_io, batches[:200])
+        rows["Server._udp_loop: one turn for a lone remembered block (no socket: an IO that hands "
+             "out the same datagram)"] = {"ns": round(loop_turn(tmp, policy, observer, bq[0], desktop, k)),
+                                          "path": "both", "note": "batch of one: lists, lock, clocks, "
+                                          "lookup, count_many, write_many (query log on)"}
         sa.close()
         sb.close()
         sink.close()
