@@ -4,9 +4,10 @@ BatchIO uses Linux's recvmmsg(2) and sendmmsg(2), which Python's socket module d
 way of ctypes and the C library: one system call takes in every datagram waiting (up to `size`)
 and one sends every answer of the batch, so the per-packet cost of a system call and of Python's
 socket wrapper is paid once per batch. PlainIO is recvfrom/sendto, one datagram per batch: for
-systems without recvmmsg, and for `udp: {batch: 1}` in sinkhole.yaml.
+systems without recvmmsg, and for `udp: {batch: 1}` in sinkhole.yaml. AdaptiveIO (what udp_io
+gives for a batch above 1) uses PlainIO while datagrams come one at a time, BatchIO otherwise.
 
-Both offer the same calls to the server's loop:
+All three offer the same calls to the server's loop:
   receive()       -> [(question, client, ref)], or None once the socket is shut down; raises
                   OSError. `question` is the datagram without its first two bytes (the ID): what
                   a remembered answer is found by (Policy.remember)
@@ -217,44 +218,43 @@ class BatchIO:
     def send(self, replies, reused=()) -> None:
         """Each answer over its query, in the query's slot (so at most one answer per ref)."""
         data, lens = self._data, self._slens
-        k = 0
+        alone = []                      # refs whose answer went out on its own: too big for a slot
         for reply, ref in replies:
             size = len(reply)
-            if size > SLOT:             # a large EDNS answer: on its own
+            if size > SLOT:             # a large EDNS answer
                 send_one(self.sock, reply, self.address(ref))
+                alone.append(ref)
                 continue
             start = SLOT * ref
             data[start:start + size] = reply
             lens[ref + ref + 1] = size
-            k += 1
         for body, ref in reused:        # behind the query's ID, which is in place
             size = len(body) + 2
             start = SLOT * ref
             if size > SLOT:
                 send_one(self.sock, data[start:start + 2] + body, self.address(ref))
+                alone.append(ref)
                 continue
             data[start + 2:start + size] = body
             lens[ref + ref + 1] = size
-            k += 1
+        k = len(replies) + len(reused) - len(alone)
         if k == self._count:            # every datagram of the batch answered: the slots in order
             msgs = self._smsg_at
         else:                           # some were not (forwarded, dropped, sent on their own)
             words, name_at, iov_at = self._gwords, self._name_at, self._iov_at
             j = 0
-            for answer, ref in replies:
-                if len(answer) <= SLOT:
-                    words[j], words[j + 2] = name_at[ref], iov_at[ref]
-                    j += 8
-            for answer, ref in reused:
-                if len(answer) + 2 <= SLOT:
-                    words[j], words[j + 2] = name_at[ref], iov_at[ref]
-                    j += 8
+            for refs in (replies, reused):
+                for _, ref in refs:
+                    if ref not in alone:
+                        words[j], words[j + 2] = name_at[ref], iov_at[ref]
+                        j += 8
             msgs = self._gmsg_at
         done, tries = 0, 0
         while done < k and tries < k:   # a datagram that cannot go (EAGAIN, EPERM) is skipped
             tries += 1
             sent = self._send(self._fd, msgs + 64 * done, k - done, _MSG_DONTWAIT)
             done += sent if sent > 0 else 1
+
 
 class AdaptiveIO:
     """BatchIO while datagrams come in bunches, PlainIO while they come one at a time: for a lone
