@@ -30,7 +30,9 @@ sys.path.insert(0, str(HERE.parent))
 
 import workload as wl  # noqa: E402
 from resolver import core  # noqa: E402
+from resolver import server as server_module  # noqa: E402
 from resolver.cache import Cache  # noqa: E402
+from resolver.config import Config, QueryLogConfig  # noqa: E402
 from resolver.loader import load_policy  # noqa: E402
 from resolver.observe import Quiet  # noqa: E402
 from resolver.querylog import QueryLog  # noqa: E402
@@ -71,9 +73,6 @@ def loop_turn(tmp: Path, policy, observer, datagram: bytes, client: str, turns: 
     """ns per turn of the server's UDP loop (Server._udp_loop) for a batch of one datagram whose
     answer is remembered: the real loop, query log and observer, with an IO that hands out the
     same datagram `turns` times and sends nothing (the socket's part is the stages above)."""
-    from resolver import server as server_module
-    from resolver.config import Config, QueryLogConfig
-
     class Repeat:
         def __init__(self, n):
             self.n = n
