@@ -234,10 +234,11 @@ class Engine:
             if seen:
                 found.append((i, seen))
         for i, when, frame, at, sport, dport, inline in udp_packets:
-            if triage and sport != 53 and dport != 53 and dport != 853:
+            sift = triage and sport != 53                       # 53: maybe our resolver's answer
+            if sift and dport != 53 and dport != 853:
                 continue
             key = frame[26:38] if inline else flow_key(frame, at)
-            if triage and sport != 53 and key in udp_flows:
+            if sift and key in udp_flows:
                 continue
             seen = observe(when, frame, at, ctx, key, sport, dport)
             if seen:
