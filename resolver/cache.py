@@ -25,8 +25,17 @@ class Cache:
         return len(self._entries)
 
     def get(self, key: bytes, now: float) -> tuple[Reply, int, float] | None:
-        """(reply, age in whole seconds, until when that age holds) for a fresh entry, or None."""
+        """(reply, age in whole seconds, until when that age holds) for a fresh entry, or None;
+        counted as a lookup, and as a hit when found."""
         self.requests += 1
+        hit = self.peek(key, now)
+        if hit is not None:
+            self.hits += 1
+        return hit
+
+    def peek(self, key: bytes, now: float) -> tuple[Reply, int, float] | None:
+        """get() without counting: for the server's renewal of a remembered answer (core.renew),
+        which the server counts with reused() like every other reuse."""
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -36,7 +45,6 @@ class Cache:
                 del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        self.hits += 1
         age = int(now - stored)
         return reply, age, min(stored + age + 1, expires)
 

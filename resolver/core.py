@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .cache import Cache
 from .policy import Decision, Policy, decide
 from .wire import (ANY, AXFR, IN, IXFR, REFUSED, SERVFAIL, EdnsVersionError, Query,
-                   Reply, WireError, block_reply, build_reply, error_reply, formerr_for,
+                   Reply, WireError, age_ttls, block_reply, build_reply, error_reply, formerr_for,
                    hinfo_reply, parse_query)
 
 FOREVER = float("inf")           # reusable for the life of the policy snapshot
@@ -33,6 +33,8 @@ class Outcome:
     udp_limit: int = 512         # the largest UDP answer this client accepts
     reuse_until: float = 0.0     # until when the same bytes (but the ID) from the same group may get
                                  # the same answer and Outcome (see Policy.remember); 0: never
+    renewal: tuple | None = None  # a reusable cache answer's (cache key, its Reply's body, where that
+                                  # body starts in the answer less its ID): see renew()
 
 
 @dataclass(slots=True)
@@ -113,7 +115,8 @@ def begin(data: bytes, client: str, policy: Policy, ctx: Context, now: float):
         return hinfo_reply(query), out
     # 9. The cache: upstream answers only, shared by all groups.
     #    The answer may be reused until its TTLs would tick down (whole seconds), if no exemption can
-    #    change it: neither for the name nor for any name its CNAME chain passes through.
+    #    change it: neither for the name nor for any name its CNAME chain passes through; then
+    #    renew() brings it to the next second while the cache still holds the same reply.
     hit = ctx.cache.get(query.key, now)
     if hit is not None:
         reply, age, until = hit
@@ -123,9 +126,28 @@ def begin(data: bytes, client: str, policy: Policy, ctx: Context, now: float):
         if checked is not None:
             return checked, out
         out.action, out.rcode = "cached", reply.rcode
+        if out.reuse_until:
+            out.renewal = (query.key, reply.body, 10 + len(query.question))
         return build_reply(query, reply, age, decision.ttl if decision.exemption else None), out
     # 10. The upstream.
     return Forward(query, decision, client)
+
+
+def renew(entry: tuple, cache: Cache, now: float) -> tuple | None:
+    """A remembered cache answer (Policy.remember: answer less its ID, until, ..., renewal) whose
+    second has passed, brought to `now`: the same bytes with the TTLs the cache entry's age gives
+    now, good until the next second. None when the cache no longer holds that reply fresh (expired,
+    evicted, replaced, cleared): the query then takes the whole way (step 9). Nothing else can have
+    changed: only answers whose decisions no clock or client can change are remembered, and the
+    remembered tables die with their policy snapshot. Counts nothing (the server counts reuses)."""
+    key, body, base = entry[5]
+    hit = cache.peek(key, now)
+    if hit is None or hit[0].body is not body:     # the reply whose TTLs the bytes carry, or none
+        return None
+    reply, age, until = hit
+    buf = bytearray(entry[0])
+    age_ttls(buf, base, reply, age)
+    return (bytes(buf), until) + entry[2:]
 
 
 def finish(fwd: Forward, reply: Reply | None, policy: Policy, ctx: Context, now: float):

@@ -209,7 +209,9 @@ class Policy:
     def remember(self, client: str, group: str, key: bytes, entry: tuple, limit: int = ANSWERS_MAX) -> None:
         """Keep a finished answer (core.Outcome.reuse_until said it may be reused) for the query
         bytes `key` (all but the ID) from `group`, and let `client` find its group's table in
-        answer_tables. The server reads these tables in its hot loop; they die with the snapshot."""
+        answer_tables. The server reads these tables in its hot loop; they die with the snapshot.
+        An entry: (answer less its ID, until when it holds, metrics signature, query-log middle,
+        whether it is a cache hit, and for a cache answer its core.Outcome.renewal or None)."""
         table = self._answers.get(group)
         if table is None:
             table = self._answers[group] = {}

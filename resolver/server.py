@@ -212,7 +212,7 @@ class Server:
         locally and the path for a reused answer (Policy.remember) is written out."""
         io = udp_io(sock, self.config.udp.batch)
         receive, send, address, query = io.receive, io.send, io.address, io.query
-        begin, forward_type, ctx, cache = core.begin, core.Forward, self.ctx, self.cache
+        begin, renew, forward_type, ctx, cache = core.begin, core.renew, core.Forward, self.ctx, self.cache
         perf, clock, ratelimit = time.perf_counter, self.clock, self.ratelimit
         observer, querylog = self.observer, self.querylog
         count_many, write_many, account = observer.count_many, querylog.write_many, self._account
@@ -251,7 +251,11 @@ class Server:
                     if table is not None:
                         ready = table.get(question)
                         if ready is not None:
-                            body, until, sig, tail, cached = ready
+                            body, until, sig, tail, cached, renewal = ready
+                            if until <= now and renewal is not None and \
+                                    (ready := renew(ready, cache, now)) is not None:
+                                table[question] = ready     # a cache answer's TTLs a second on
+                                body, until = ready[0], ready[1]
                             if until > now:
                                 reuse((body, ref))      # sent behind the query's ID
                                 count_as(sig)
@@ -276,15 +280,16 @@ class Server:
                     if reply is None:           # dropped, or nothing safe to answer with
                         others.append(outcome)
                         continue
+                    renewal = outcome.renewal
                     if len(reply) > outcome.udp_limit:
-                        reply = truncate(reply, outcome.udp_limit)
+                        reply, renewal = truncate(reply, outcome.udp_limit), None
                     reply_to((reply, ref))
                     if outcome.reuse_until > now and answers_max:
                         # kept, then counted and logged from what was kept, as its reuses will be
                         sig, tail = signature(outcome), middle(outcome)
                         policy.remember(client, outcome.group, question,
-                                        (reply[2:], outcome.reuse_until, sig, tail, outcome.action == "cached"),
-                                        answers_max)
+                                        (reply[2:], outcome.reuse_until, sig, tail, outcome.action == "cached",
+                                         renewal), answers_max)
                         count_as(sig)
                         log_as(field + tail)
                     else:

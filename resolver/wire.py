@@ -384,17 +384,24 @@ def parse_reply(data: bytes, question_key: bytes, qid: int) -> Reply:
     return Reply(rcode, flags, body, tuple(kept), tuple(ttl_offsets), cache_ttl, tuple(cnames), len(question_key))
 
 
+def age_ttls(buf: bytearray, base: int, reply: Reply, age: int, ttl_cap: int | None = None) -> None:
+    """Write `reply`'s TTLs, each reduced by `age` seconds (never below 0) and capped at `ttl_cap`,
+    into `buf`, whose byte `base` is where reply.body starts (0: a copy of the body itself)."""
+    body = reply.body
+    for off in reply.ttl_offsets:
+        ttl = _TTL.unpack_from(body, off)[0] - age
+        if ttl_cap is not None and ttl > ttl_cap:
+            ttl = ttl_cap
+        _TTL.pack_into(buf, base + off, ttl if ttl > 0 else 0)
+
+
 def build_reply(query: Query, reply: Reply, age: int = 0, ttl_cap: int | None = None) -> bytes:
     """Our answer to `query` from an upstream reply: the client's ID, question and EDNS; TTLs
     reduced by `age` seconds and capped at `ttl_cap`."""
     body = reply.body
     if age or ttl_cap is not None:
         buf = bytearray(body)
-        for off in reply.ttl_offsets:
-            ttl = _TTL.unpack_from(buf, off)[0] - age
-            if ttl_cap is not None and ttl > ttl_cap:
-                ttl = ttl_cap
-            _TTL.pack_into(buf, off, ttl if ttl > 0 else 0)
+        age_ttls(buf, 0, reply, age, ttl_cap)
         body = bytes(buf)
     an, ns, ar = reply.counts
     edns = query.edns is not None

@@ -63,10 +63,10 @@ class Flaky(Quiet):
 class Running:
     """A Server on its own event loop thread, for the length of a `with`."""
 
-    def __init__(self, blocklists, observer, **config):
+    def __init__(self, blocklists, observer, clock=time.time, **config):
         self.config = Config(**{"listen": (("127.0.0.1", 0),), "upstreams": (("127.0.0.1", 9),),
                                 "blocklists": str(blocklists), "reload_interval": 0, **config})
-        self.observer = observer
+        self.observer, self.clock = observer, clock
 
     def run(self, coro, timeout=15):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -77,7 +77,8 @@ class Running:
         self.runner.start()
 
         async def make():
-            return Server(self.config, load_policy(self.config.blocklists, time.time()), self.observer)
+            return Server(self.config, load_policy(self.config.blocklists, self.clock()), self.observer,
+                          clock=self.clock)
 
         self.server = self.run(make())
         self.address = self.run(self.server.start())[0]
@@ -104,6 +105,50 @@ def test_no_reuse_when_cache_answers_is_0(tmp_path, monkeypatch, batch):
         for _ in range(3):
             assert ask(r.address, "www.chat.test", source="127.0.1.5").rcode() == 3
         assert len(decided) == 1 and r.server.policy.answer_tables
+
+
+class Clock:
+    """The server's clock, moved by the test."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.skipif(not have("dnsmasq"), reason="needs dnsmasq (Debian dnsmasq-base)")
+@pytest.mark.parametrize("batch", BATCHES)
+def test_a_remembered_cache_answer_is_renewed_each_second_until_the_cache_lets_go(tmp_path, monkeypatch, batch):
+    """A reused cache answer whose second has passed gets the TTLs of the cache entry's new age
+    without being decided again (core.renew), counted as a cache hit; once the cache entry expires
+    the query takes the whole way to the upstream again."""
+    blocklists = write_blocklists(tmp_path / "bl", TEST_POLICY, TEST_SERVICES)
+    decided = []
+    begin = core.begin
+    monkeypatch.setattr(core, "begin", lambda *args: decided.append(1) or begin(*args))
+    start = 1_900_000_000.25
+    clock = Clock(start)
+    with Dnsmasq(["--host-record=plain.test,192.0.2.11"]) as upstream, \
+         Running(blocklists, Quiet(), clock=clock, upstreams=(("127.0.0.1", upstream.port),),
+                 udp=UdpConfig(batch)) as r:
+        cache = r.server.cache
+        first = ask(r.address, "plain.test", source="127.0.2.5")           # forwarded, then cached
+        assert first.answer[0].ttl == 300 and len(decided) == 1
+        assert ask(r.address, "plain.test", source="127.0.2.6").answer[0].ttl == 300   # decided, kept
+        assert len(decided) == 2
+        ttls = []
+        for age in (1, 2, 2, 7, 299):
+            clock.now = start + age + 0.5
+            reply = ask(r.address, "plain.test", source="127.0.2.6")   # a client with its table
+            assert [a.address for a in reply.answer[0]] == ["192.0.2.11"]
+            ttls.append(reply.answer[0].ttl)
+        assert ttls == [299, 298, 298, 293, 1]
+        assert len(decided) == 2, "renewed without being decided again"
+        assert (cache.requests, cache.hits) == (1 + 1 + 5, 1 + 5)  # the forward's miss, then all hits
+        clock.now = start + 300.5                                        # the cache entry has expired
+        assert ask(r.address, "plain.test", source="127.0.2.7").answer[0].ttl == 300
+        assert len(decided) == 3 and cache.hits == 6
 
 
 @pytest.mark.parametrize("batch", BATCHES)
