@@ -31,6 +31,7 @@ from procs import (Dnsmasq, HaltPoll, PyRaw, Sinkhole, Unbound, Upstream, metric
 
 SERVER_CPU, CLIENT_CPU = 1, 0
 LATENCY_QPS = 10_000
+WARM_PASSES = 16                 # one-socket warm-up passes at most for a --workers server
 # workload -> (client address, what it asks)
 WORKLOADS = {
     "blocked": (wl.DESKTOP_CLIENT, "every blocked name, shuffled (desktop client)"),
@@ -161,9 +162,29 @@ class Bench:
         return result
 
     def warm(self, name):
+        """Put the allowed names in the server's cache (asked from the mobile client, which
+        everything allows). A --workers server keeps a cache per worker, and the kernel hands each
+        source port to one worker, so one pass of dnsperf's four sockets may leave a worker with a
+        quarter of the names (or none); it then gets one-socket passes until each worker has made a
+        whole pass of lookups (its metrics say), at most WARM_PASSES."""
         server = self.servers[name]
-        dnsperf.run(server.port, self.files["cached"], 30, wl.MOBILE_CLIENT, [], [], self.client_cpu, self.tmp,
-                    max_runs=1)
+        workers = getattr(server, "workers", 1)
+        if workers <= 1:
+            dnsperf.run(server.port, self.files["cached"], 30, wl.MOBILE_CLIENT, [], [], self.client_cpu, self.tmp,
+                        max_runs=1)
+            return
+        cold = set(range(workers))
+        for _ in range(WARM_PASSES):
+            before = server.cache_requests()
+            dnsperf.run(server.port, self.files["cached"], 30, wl.MOBILE_CLIENT, [], [], self.client_cpu, self.tmp,
+                        max_runs=1, clients=1)
+            after = server.cache_requests()
+            if before is not None:
+                cold -= {i for i, (a, b) in enumerate(zip(after, before)) if a - b >= len(self.allowed)}
+                if not cold:
+                    return
+        if before is not None:
+            self.log(f"  {name}: workers {sorted(cold)} not warmed by {WARM_PASSES} one-socket passes")
 
     # -- the rounds -----------------------------------------------------------------------------
     def rounds(self):

@@ -49,11 +49,12 @@ def parse(stdout: str, verbose: bool) -> dict:
 
 def run(port: int, datafile: Path, seconds: float, source: str, server_pids: list[int], other_pids: list[int],
         cpu: int | None, workdir: Path, qps: int | None = None, verbose: bool = False,
-        max_runs: int | None = None, stop_when=None) -> dict:
+        max_runs: int | None = None, stop_when=None, clients: int = 4) -> dict:
     """dnsperf -c 4 -q 100 against 127.0.0.1:port from `source`. `stop_when()`, polled, ends the
-    run early with SIGINT (dnsperf then prints its statistics)."""
+    run early with SIGINT (dnsperf then prints its statistics). `clients`: dnsperf's sockets (each
+    its own source port: with --workers, the kernel picks a worker per source port)."""
     cmd = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-a", source, "-d", str(datafile),
-           "-l", str(seconds), "-c", "4", "-q", "100", "-t", "2"]
+           "-l", str(seconds), "-c", str(clients), "-q", "100", "-t", "2"]
     if qps:
         cmd += ["-Q", str(int(qps))]
     if verbose:

@@ -4,12 +4,14 @@ RSS, machine load)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -357,7 +359,8 @@ class Sinkhole(Server):
             "query_log": {"target": str(self.querylog) if self.querylog_on else "off", "max_bytes": 0},
         }
         if self.metrics:
-            config["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
+            self.metrics_port = free_port()
+            config["metrics"] = {"listen": f"127.0.0.1:{self.metrics_port}"}
         self.conf.write_text(yaml.safe_dump(config, sort_keys=False))
         cmd = [sys.executable, "-m", "resolver", "serve", "-c", str(self.conf)]
         if self.workers > 1:
@@ -366,6 +369,20 @@ class Sinkhole(Server):
 
     def wait_listening(self, deadline: float) -> None:
         _wait_log(self, deadline)
+
+    def cache_requests(self) -> list[float] | None:
+        """Each worker's sinkhole_cache_requests_total, from its metrics port (the metrics port +
+        its index); None when metrics are off."""
+        if not self.metrics:
+            return None
+        counts = []
+        for index in range(max(1, self.workers)):
+            url = f"http://127.0.0.1:{self.metrics_port + index}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            found = re.search(r"^sinkhole_cache_requests_total (\S+)$", text, re.M)
+            counts.append(float(found.group(1)) if found else 0.0)
+        return counts
 
     def querylog_lines(self, settle: float = 0.3, deadline: float = 15.0) -> int:
         """Lines in the query log once the writer has caught up; then empties the file."""
