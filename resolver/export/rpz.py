@@ -57,6 +57,9 @@ def views(policy: Policy, classes: list[ClientClass], directory: str, now: float
     """named.conf example: one view per class; match-clients excludes more specific networks of
     other classes, so BIND's first-match gives the resolver's longest-prefix classification."""
     out = [header(policy, now, "BIND views for the sinkhole RPZ zones (an example to adapt)", "//")]
+    out.append("// KNOWN DIFFERENCES from the sinkhole (tested with BIND 9.18): regex patterns have no RPZ\n"
+               "// form (listed per view below); a 'refused' group answers NXDOMAIN; ANY is relayed to\n"
+               "// the forwarders, where the sinkhole answers RFC 8482's minimal HINFO.\n\n")
     out.append("acl \"sinkhole-allowed\" { " + " ".join(f"{n};" for n in policy.allowed_clients) + " };\n\n")
     for cls in classes:
         nets = [netaddr.IPNetwork(n) for n in cls.networks]
