@@ -14,6 +14,13 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "installing Debian packages:$missing" >&2
 export DEBIAN_FRONTEND=noninteractive
+# unbound and bind9 ship services: none may start on this machine's port 53 during the install
+# (invoke-rc.d and deb-systemd-invoke ask policy-rc.d; a machine's own policy is left alone)
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 apt-get update -qq
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
