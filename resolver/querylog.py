@@ -29,7 +29,8 @@ FIELDS = ("time", "client", "group", "qname", "qtype", "decision", "service", "r
           "rcode", "duration_ms")
 CHUNK = 128                      # lines queued for the writer at once by the serving thread
 LINE = '{"time":"%s","client":%s,%s"duration_ms":%.3f}\n'
-FLUSH_INTERVAL = 0.05            # seconds: how stale the file may be behind the answers
+FLUSH_INTERVAL = 0.01            # seconds: how stale the file may be behind the answers; also how
+                                 # much the writer has to write at once (a 50 ms burst delayed queries)
 _QTYPES = {code: f'"{name}"' for code, name in QTYPE_NAMES.items()}
 _RCODES = {code: f'"{name}"' for code, name in RCODE_NAMES.items()}
 
