@@ -102,6 +102,18 @@ UPSTREAM = ["--address=/#/192.0.2.1", "--address=/#/2001:db8::1"] + \
     [f"--cname={a},{t}" for a, t in CNAMES.items()]
 
 
+def start_answering(server, cmd: list[str], env=None) -> None:
+    """Start `cmd` as server.proc, its output collected in server.lines, and wait until it answers
+    on 127.0.0.1:server.port (its log in the failure if it never does)."""
+    server.proc = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    threading.Thread(target=lambda: server.lines.extend(server.proc.stdout), daemon=True).start()
+    try:
+        wait_for_answer("127.0.0.1", server.port, deadline=15)
+    except TimeoutError:
+        server.proc.kill()
+        raise AssertionError(f"{cmd[0]} did not start:\n" + "".join(server.lines))
+
+
 class Unbound:
     def __init__(self, workdir, include: str, upstream: Dnsmasq):
         self.workdir, self.include, self.upstream = workdir, include, upstream
@@ -133,14 +145,7 @@ forward-zone:
 """)
         check = subprocess.run(["unbound-checkconf", str(conf)], capture_output=True, text=True, env=self.env)
         assert check.returncode == 0 or "is not known to work" in check.stderr, check.stderr
-        self.proc = subprocess.Popen(["unbound", "-d", "-c", str(conf)], env=self.env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
-        try:
-            wait_for_answer("127.0.0.1", self.port, deadline=15)
-        except TimeoutError:
-            self.proc.kill()
-            raise AssertionError("unbound did not start:\n" + "".join(self.lines))
+        start_answering(self, ["unbound", "-d", "-c", str(conf)], self.env)
         return self
 
     @property
@@ -357,14 +362,7 @@ include "{self.views}";
 """)
         check = subprocess.run(["named-checkconf", "-z", str(conf)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
-        self.proc = subprocess.Popen(["named", "-g", "-c", str(conf)], text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
-        try:
-            wait_for_answer("127.0.0.1", self.port, deadline=15)
-        except TimeoutError:
-            self.proc.kill()
-            raise AssertionError("named did not start:\n" + "".join(self.lines))
+        start_answering(self, ["named", "-g", "-c", str(conf)])
         return self
 
     def __exit__(self, *exc):
