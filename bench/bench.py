@@ -170,14 +170,12 @@ class Bench:
         server = self.servers[name]
         workers = getattr(server, "workers", 1)
         if workers <= 1:
-            dnsperf.run(server.port, self.files["cached"], 30, wl.MOBILE_CLIENT, [], [], self.client_cpu, self.tmp,
-                        max_runs=1)
+            self.warm_port(server.port)
             return
         cold = set(range(workers))
         for _ in range(WARM_PASSES):
             before = server.cache_requests()
-            dnsperf.run(server.port, self.files["cached"], 30, wl.MOBILE_CLIENT, [], [], self.client_cpu, self.tmp,
-                        max_runs=1, clients=1)
+            self.warm_port(server.port, clients=1)
             after = server.cache_requests()
             if before is not None:
                 cold -= {i for i, (a, b) in enumerate(zip(after, before)) if a - b >= len(self.allowed)}
@@ -310,8 +308,10 @@ class Bench:
                  f"p99 {result.get('p99_ms')} max {result.get('max_ms')} ms, lost {result.get('lost_pct')}%")
         return result
 
-    def warm_port(self, port):
-        dnsperf.run(port, self.files["cached"], 30, wl.MOBILE_CLIENT, [], [], self.client_cpu, self.tmp, max_runs=1)
+    def warm_port(self, port, clients=4):
+        """One pass of the allowed names from the mobile client over `clients` sockets."""
+        dnsperf.run(port, self.files["cached"], 30, wl.MOBILE_CLIENT, [], [], self.client_cpu, self.tmp, max_runs=1,
+                    clients=clients)
 
 
 def list_files(blocklists: Path) -> list[Path]:
