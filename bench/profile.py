@@ -185,7 +185,7 @@ def stages(names: int, iterations: int, seed: int) -> dict:
           "both")
         sig, middle = observer.signature(outcome), qlog.middle(outcome)
         for d, (reply, out) in zip(bq, out_b):
-            policy.remember(desktop, out.group, d[2:], (reply[2:], out.reuse_until, sig, middle, False, None))
+            policy.remember(desktop, out.group, d[2:], core.keep(reply, out, sig, middle, out.renewal))
         tables = policy.answer_tables
         t("reused answer: two dict lookups (the ID goes in at send)",
           lambda q: tables.get(desktop).get(q)[0], [d[2:] for d in bq], "both")

@@ -133,8 +133,16 @@ def begin(data: bytes, client: str, policy: Policy, ctx: Context, now: float):
     return Forward(query, decision, client)
 
 
+def keep(reply: bytes, outcome: Outcome, sig, tail: str, renewal: tuple | None) -> tuple:
+    """The entry Policy.remember keeps for a finished answer that may be reused until
+    outcome.reuse_until: (answer less its ID, until when it holds, metrics signature `sig`, query-log
+    middle `tail`, whether it is a cache hit, `renewal`: outcome.renewal, or None where the answer
+    sent is not the one renew() can rebuild, e.g. truncated). renew() and the server's loop read it."""
+    return (reply[2:], outcome.reuse_until, sig, tail, outcome.action == "cached", renewal)
+
+
 def renew(entry: tuple, cache: Cache, now: float) -> tuple | None:
-    """A remembered cache answer (Policy.remember: answer less its ID, until, ..., renewal) whose
+    """A remembered cache answer (an entry keep() made) whose
     second has passed, brought to `now`: the same bytes with the TTLs the cache entry's age gives
     now, good until the next second. None when the cache no longer holds that reply fresh (expired,
     evicted, replaced, cleared): the query then takes the whole way (step 9). Nothing else can have

@@ -210,8 +210,7 @@ class Policy:
         """Keep a finished answer (core.Outcome.reuse_until said it may be reused) for the query
         bytes `key` (all but the ID) from `group`, and let `client` find its group's table in
         answer_tables. The server reads these tables in its hot loop; they die with the snapshot.
-        An entry: (answer less its ID, until when it holds, metrics signature, query-log middle,
-        whether it is a cache hit, and for a cache answer its core.Outcome.renewal or None)."""
+        An entry is what core.keep makes (answer less its ID, until when it holds, ...)."""
         table = self._answers.get(group)
         if table is None:
             table = self._answers[group] = {}

@@ -212,7 +212,8 @@ class Server:
         locally and the path for a reused answer (Policy.remember) is written out."""
         io = udp_io(sock, self.config.udp.batch)
         receive, send, address, query = io.receive, io.send, io.address, io.query
-        begin, renew, forward_type, ctx, cache = core.begin, core.renew, core.Forward, self.ctx, self.cache
+        begin, renew, keep, forward_type = core.begin, core.renew, core.keep, core.Forward
+        ctx, cache = self.ctx, self.cache
         perf, clock, ratelimit = time.perf_counter, self.clock, self.ratelimit
         observer, querylog = self.observer, self.querylog
         count_many, write_many, account = observer.count_many, querylog.write_many, self._account
@@ -288,8 +289,7 @@ class Server:
                         # kept, then counted and logged from what was kept, as its reuses will be
                         sig, tail = signature(outcome), middle(outcome)
                         policy.remember(client, outcome.group, question,
-                                        (reply[2:], outcome.reuse_until, sig, tail, outcome.action == "cached",
-                                         renewal), answers_max)
+                                        keep(reply, outcome, sig, tail, renewal), answers_max)
                         count_as(sig)
                         log_as(field + tail)
                     else:

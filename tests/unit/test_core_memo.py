@@ -125,10 +125,12 @@ def upstream_reply(query_wire: bytes, kind: str):
 
 
 def remembered(policy, ctx, data, now):
-    """What the server keeps for a cache answer (server._udp_loop, Policy.remember)."""
+    """What the server keeps for a cache answer (core.keep, as server._udp_loop calls it)."""
     answer, out = core.begin(data, "10.2.0.5", policy, ctx, now)
     assert out.action == "cached" and out.renewal is not None and out.reuse_until == int(now - T0) + T0 + 1
-    return (answer[2:], out.reuse_until, ("mobile", "cached"), "middle", True, out.renewal)
+    entry = core.keep(answer, out, ("mobile", "cached"), "middle", out.renewal)
+    assert entry[0] == answer[2:] and entry[1] == out.reuse_until and entry[4] is True
+    return entry
 
 
 def ttls(answer_less_id: bytes) -> list[int]:
