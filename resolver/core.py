@@ -142,12 +142,12 @@ def keep(reply: bytes, outcome: Outcome, sig, tail: str, renewal: tuple | None) 
 
 
 def renew(entry: tuple, cache: Cache, now: float) -> tuple | None:
-    """A remembered cache answer (an entry keep() made) whose
-    second has passed, brought to `now`: the same bytes with the TTLs the cache entry's age gives
-    now, good until the next second. None when the cache no longer holds that reply fresh (expired,
-    evicted, replaced, cleared): the query then takes the whole way (step 9). Nothing else can have
-    changed: only answers whose decisions no clock or client can change are remembered, and the
-    remembered tables die with their policy snapshot. Counts nothing (the server counts reuses)."""
+    """A remembered cache answer (an entry keep() made) whose second has passed, brought to `now`:
+    the same bytes with the TTLs the cache entry's age gives now, good until the next second. None
+    when the cache no longer holds that reply fresh (expired, evicted, replaced, cleared): the query
+    then takes the whole way (step 9). Nothing else can have changed: only answers whose decisions
+    no clock or client can change are remembered, and the remembered tables die with their policy
+    snapshot. Counts nothing (the server counts reuses)."""
     key, body, base = entry[5]
     hit = cache.peek(key, now)
     if hit is None or hit[0].body is not body:     # the reply whose TTLs the bytes carry, or none
