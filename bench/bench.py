@@ -155,7 +155,8 @@ class Bench:
         if logging:
             result["querylog_lines"] = server.querylog_lines()
         self.runs.append(result)
-        lat = f" p50 {result.get('p50_ms')} p99 {result.get('p99_ms')} ms" if verbose else ""
+        lat = (f" p50 {result.get('p50_ms')} p99 {result.get('p99_ms')} ms, stalls {result.get('stalls')} "
+               f"({result.get('stalled')} answers)" if verbose else "")
         self.log(f"  r{round_no} {workload:13} {name:11} {kind:8} {result.get('qps') or 0:>9.0f} q/s "
                  f"lost {result.get('lost_pct')}% cpu {result.get('server_cpu_us_per_q')} us/q"
                  f"{lat} foreign {result['foreign_cores']}" + (f" ERROR {result['error']}" if "error" in result else ""))
@@ -439,6 +440,7 @@ def render(result: dict) -> str:
         d, u, p = others.get("dnsmasq", {}), others.get("unbound", {}), others.get("pyraw", {})
         lines.append(f"| {workload} | {_r(d, 'qps')} | {_r(u, 'qps')} | {_r(d, 'cpu')} | {_r(u, 'cpu')} |"
                      + (f" {_r(p, 'qps')} | {_r(p, 'cpu')} |" if raw else ""))
+    lines += per_round_latency(result.get("runs") or [], meta.get("foreign_limit", 0.25))
     lines += ["", "Targets:", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
     for t in result["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
@@ -464,6 +466,31 @@ def render(result: dict) -> str:
               f"{meta['foreign_limit']} cores are left out of the medians when clean runs exist. "
               f"Load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']}."]
     return "\n".join(lines)
+
+
+def per_round_latency(runs: list[dict], foreign_limit: float) -> list[str]:
+    """The 10k q/s runs one by one: p99, and the answers caught in stall episodes (dnsperf.stalls:
+    consecutive answers over 0.1 ms with one over 0.5 ms), so a median p99 shows whether the rounds
+    agree or one pause decided it. Runs with foreign load over the limit are marked *."""
+    cells: dict = {}
+    for run in runs:
+        if run.get("kind") == "lat10k" and run.get("p99_ms") is not None:
+            cells.setdefault((run["workload"], run["server"]), {})[run["round"]] = run
+    if not cells:
+        return []
+    rounds = sorted({r for byround in cells.values() for r in byround})
+    lines = ["", "At 10k q/s, round by round: p99 ms (answers in stall episodes, of 10k per second):", "",
+             "| workload | server | " + " | ".join(f"round {r}" for r in rounds) + " |",
+             "|---|---|" + "---:|" * len(rounds)]
+    for (workload, server), byround in cells.items():
+        row = []
+        for r in rounds:
+            run = byround.get(r)
+            row.append("-" if run is None else
+                       f"{_f(run['p99_ms'], 3)} ({run.get('stalled', '-')})"
+                       + ("*" if run.get("foreign_cores", 0) > foreign_limit else ""))
+        lines.append(f"| {workload} | {server} | " + " | ".join(row) + " |")
+    return lines
 
 
 def _f(v, digits):
